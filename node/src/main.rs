@@ -1,1 +1,38 @@
-fn main() {}
+//! `shoal`, the one binary: the agent that runs on every host, and the operator's CLI.
+//!
+//! This crate owns the command line (clap), the HTTP API, process wiring, signals and telemetry;
+//! it is the only crate that uses `anyhow`. Each subcommand lives in its own module.
+
+mod cmd_validate;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// shoal: a container orchestrator with no central manager.
+#[derive(Parser, Debug)]
+#[command(name = "shoal", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check service specs and node configs; print every mistake with its line and column.
+    Validate(cmd_validate::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Validate(args) => cmd_validate::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
