@@ -121,7 +121,7 @@ impl fmt::Display for ByteSize {
             return write!(f, "0B");
         }
         for (unit, mult) in UNITS {
-            if self.0 % mult == 0 {
+            if self.0.is_multiple_of(*mult) {
                 return write!(f, "{}{unit}", self.0 / mult);
             }
         }

@@ -278,7 +278,7 @@ pub fn validate_service(spec: &ServiceSpec) -> Vec<Violation> {
             }
         }
         r.check(
-            (a.min..=a.max).contains(&spec.replicas),
+            a.min > a.max || (a.min..=a.max).contains(&spec.replicas),
             "replicas",
             format!("must be within the autoscale bounds {}..={}", a.min, a.max),
         );
