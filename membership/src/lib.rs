@@ -2,3 +2,9 @@
 //! identity and certificates signed by the cluster authority, Noise-encrypted links (UDP datagrams
 //! and TCP streams), the foca SWIM driver with seeds, the replicated cluster state store and the
 //! leader lease. It is the only crate that knows foca and snow.
+
+pub mod cert;
+pub mod error;
+pub mod link;
+
+pub use error::MembershipError;

@@ -1,0 +1,3 @@
+//! Link benchmarks (written next).
+
+fn main() {}
