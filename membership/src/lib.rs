@@ -4,7 +4,12 @@
 //! leader lease. It is the only crate that knows foca and snow.
 
 pub mod cert;
+pub mod codec;
+pub mod core;
+pub mod driver;
 pub mod error;
+pub mod handle;
+pub mod identity;
 pub mod link;
 
 pub use error::MembershipError;

@@ -1,0 +1,388 @@
+//! The tokio shell around [`MembershipCore`]: one task owns the core, one ordered timer task
+//! delivers every timer it asked for (none is ever dropped), one task reads the transport.
+//!
+//! The transport is a trait ([`Transport`]) with an in-memory implementation here
+//! ([`MemNetwork`]) and the Noise UDP one from [`crate::link`] in the agent.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::core::{Input, MembershipCore, PeerMeta, TimerEvent};
+use crate::error::MembershipError;
+use crate::handle::{MembershipHandle, Snapshot};
+use crate::identity::NodeIdBytes;
+
+/// One authenticated datagram out of a transport.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The sender's node id, proven by its certificate.
+    pub node_id: NodeIdBytes,
+    /// The sender's name and labels, when the transport has not reported them before (or they
+    /// changed). `None` means "unchanged".
+    pub meta: Option<PeerMeta>,
+    /// The UDP source address.
+    pub from: SocketAddr,
+    /// The decrypted SWIM packet.
+    pub bytes: Vec<u8>,
+}
+
+/// A datagram transport that only ever yields authenticated datagrams.
+pub trait Transport: Send + Sync + 'static {
+    /// Sends one datagram; never waits for the network (may drop and count instead).
+    fn send_to(
+        &self,
+        to: SocketAddr,
+        bytes: &[u8],
+    ) -> impl Future<Output = Result<(), MembershipError>> + Send;
+    /// The next authenticated datagram.
+    fn recv(&self) -> impl Future<Output = Result<Received, MembershipError>> + Send;
+}
+
+type MemInbox = mpsc::Sender<Received>;
+
+/// An in-memory datagram network for tests: endpoints by address, no authentication (each
+/// endpoint states its node id), optional cut links.
+#[derive(Clone, Default)]
+pub struct MemNetwork {
+    inner: Arc<Mutex<MemInner>>,
+}
+
+#[derive(Default)]
+struct MemInner {
+    endpoints: HashMap<SocketAddr, MemInbox>,
+}
+
+impl MemNetwork {
+    /// A new, empty network.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Attaches an endpoint at `addr` for node `node_id`.
+    pub fn endpoint(&self, addr: SocketAddr, node_id: NodeIdBytes, meta: PeerMeta) -> MemTransport {
+        let (tx, rx) = mpsc::channel(1024);
+        self.lock().endpoints.insert(addr, tx);
+        MemTransport {
+            net: self.clone(),
+            addr,
+            node_id,
+            meta,
+            rx: tokio::sync::Mutex::new(rx),
+        }
+    }
+
+    /// Detaches the endpoint at `addr`: datagrams to it are lost (a crashed node).
+    pub fn detach(&self, addr: SocketAddr) {
+        self.lock().endpoints.remove(&addr);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One endpoint of a [`MemNetwork`].
+pub struct MemTransport {
+    net: MemNetwork,
+    addr: SocketAddr,
+    node_id: NodeIdBytes,
+    meta: PeerMeta,
+    rx: tokio::sync::Mutex<mpsc::Receiver<Received>>,
+}
+
+impl Transport for MemTransport {
+    async fn send_to(&self, to: SocketAddr, bytes: &[u8]) -> Result<(), MembershipError> {
+        let inbox = self.net.lock().endpoints.get(&to).cloned();
+        if let Some(inbox) = inbox {
+            // A full inbox loses the datagram, like a full socket buffer.
+            let _ = inbox.try_send(Received {
+                node_id: self.node_id,
+                meta: Some(self.meta.clone()),
+                from: self.addr,
+                bytes: bytes.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn recv(&self) -> Result<Received, MembershipError> {
+        self.rx
+            .lock()
+            .await
+            .recv()
+            .await
+            .ok_or(MembershipError::Stopped)
+    }
+}
+
+/// The ordered timer queue shared by the owner task (push) and the timer task (pop).
+#[derive(Default)]
+struct TimerQueue {
+    heap: Mutex<BinaryHeap<Reverse<(Instant, u64, TimerEvent)>>>,
+    seq: std::sync::atomic::AtomicU64,
+    wake: Notify,
+}
+
+impl TimerQueue {
+    fn push(&self, at: Instant, ev: TimerEvent) {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.heap
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Reverse((at, seq, ev)));
+        self.wake.notify_one();
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.heap
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .peek()
+            .map(|Reverse((at, _, _))| *at)
+    }
+
+    fn pop_due(&self, now: Instant) -> Vec<TimerEvent> {
+        let mut heap = self.heap.lock().unwrap_or_else(|p| p.into_inner());
+        let mut due = Vec::new();
+        while let Some(Reverse((at, _, _))) = heap.peek() {
+            if *at > now {
+                break;
+            }
+            if let Some(Reverse((_, _, ev))) = heap.pop() {
+                due.push(ev);
+            }
+        }
+        // Several due at once (a lagging runtime): foca's order (indirect probe before the
+        // next probe, ...); the sort is stable so equal kinds keep their deadline order.
+        due.sort();
+        due
+    }
+}
+
+async fn timer_task(queue: Arc<TimerQueue>, out: mpsc::Sender<TimerEvent>) {
+    loop {
+        let notified = queue.wake.notified();
+        match queue.next_deadline() {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = notified => {}
+                }
+            }
+            None => notified.await,
+        }
+        for ev in queue.pop_due(Instant::now()) {
+            // Waits for room: a timer is never dropped.
+            if out.send(ev).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn reader_task<T: Transport>(transport: Arc<T>, out: mpsc::Sender<Received>) {
+    loop {
+        match transport.recv().await {
+            Ok(r) => {
+                if out.send(r).await.is_err() {
+                    return;
+                }
+            }
+            Err(MembershipError::Stopped) | Err(MembershipError::LinkClosed) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "membership transport");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
+pub(crate) enum Control {
+    Shutdown(oneshot::Sender<()>),
+}
+
+struct Owner<T: Transport> {
+    core: MembershipCore,
+    transport: Arc<T>,
+    timers: Arc<TimerQueue>,
+    origin: Instant,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+}
+
+impl<T: Transport> Owner<T> {
+    fn now(&self) -> Duration {
+        Instant::now().saturating_duration_since(self.origin)
+    }
+
+    async fn apply(&mut self, fx: crate::core::Effects) -> bool {
+        let now = Instant::now();
+        for (delay, ev) in fx.timers {
+            self.timers.push(now + delay, ev);
+        }
+        for (to, bytes) in fx.sends {
+            if let Err(e) = self.transport.send_to(to, &bytes).await {
+                tracing::debug!(error = %e, %to, "membership send");
+            }
+        }
+        for ev in &fx.events {
+            tracing::info!(event = ?ev, "membership");
+        }
+        !fx.events.is_empty()
+    }
+
+    fn publish(&self) {
+        let snap = Snapshot {
+            identity: *self.core.identity(),
+            members: self.core.members(),
+            counters: self.core.counters(),
+        };
+        self.snapshot.send_replace(Arc::new(snap));
+    }
+}
+
+/// Starts the membership tasks on the current tokio runtime and returns the handle.
+pub fn spawn<T: Transport>(core: MembershipCore, transport: Arc<T>) -> MembershipHandle {
+    let (control_tx, mut control_rx) = mpsc::channel::<Control>(4);
+    let (timer_tx, mut timer_rx) = mpsc::channel::<TimerEvent>(256);
+    let (data_tx, mut data_rx) = mpsc::channel::<Received>(1024);
+    let timers = Arc::new(TimerQueue::default());
+    let initial = Snapshot {
+        identity: *core.identity(),
+        members: core.members(),
+        counters: core.counters(),
+    };
+    let (snap_tx, snap_rx) = watch::channel(Arc::new(initial));
+
+    let timer_join = tokio::spawn(timer_task(timers.clone(), timer_tx));
+    let reader_join = tokio::spawn(reader_task(transport.clone(), data_tx));
+
+    let mut owner = Owner {
+        core,
+        transport,
+        timers,
+        origin: Instant::now(),
+        snapshot: snap_tx,
+    };
+    let task = tokio::spawn(async move {
+        let fx = owner.core.start(owner.now());
+        owner.apply(fx).await;
+        owner.publish();
+        let mut refresh = tokio::time::interval(Duration::from_millis(200));
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                ctl = control_rx.recv() => {
+                    let Some(Control::Shutdown(done)) = ctl else { break };
+                    let now = owner.now();
+                    let fx = owner.core.handle(Input::Leave, now);
+                    owner.apply(fx).await;
+                    owner.publish();
+                    let _ = done.send(());
+                    break;
+                }
+                Some(ev) = timer_rx.recv() => {
+                    let now = owner.now();
+                    let fx = owner.core.handle(Input::Timer(ev), now);
+                    if owner.apply(fx).await {
+                        owner.publish();
+                    }
+                }
+                Some(r) = data_rx.recv() => {
+                    if let Some(meta) = r.meta
+                        && !owner.core.knows_peer(&r.node_id)
+                    {
+                        owner.core.learn_peer(r.node_id, meta);
+                    }
+                    let now = owner.now();
+                    let fx = owner.core.handle(
+                        Input::Datagram { from: Some(r.node_id), bytes: &r.bytes },
+                        now,
+                    );
+                    if owner.apply(fx).await {
+                        owner.publish();
+                    }
+                }
+                _ = refresh.tick() => owner.publish(),
+            }
+        }
+        timer_join.abort();
+        reader_join.abort();
+    });
+    MembershipHandle::new(snap_rx, control_tx, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{CoreConfig, MemberState};
+    use crate::identity::NodeIdentity;
+
+    fn addr(port: u16) -> SocketAddr {
+        format!("127.0.0.1:{port}").parse().unwrap()
+    }
+
+    fn node(net: &MemNetwork, i: u8, seeds: Vec<SocketAddr>) -> MembershipHandle {
+        let a = addr(10_000 + i as u16);
+        let id = NodeIdentity::new([i; 16], a, 1);
+        let meta = PeerMeta {
+            name: format!("n{i}"),
+            labels: Default::default(),
+        };
+        let core = MembershipCore::new(id, CoreConfig::fast(), seeds, i as u64, meta.clone());
+        spawn(core, Arc::new(net.endpoint(a, [i; 16], meta)))
+    }
+
+    async fn wait_until(mut cond: impl FnMut() -> bool, secs: u64) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cond()
+    }
+
+    fn alive(h: &MembershipHandle) -> usize {
+        h.members()
+            .iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .count()
+    }
+
+    #[tokio::test]
+    async fn three_drivers_on_a_memory_network_see_each_other_and_a_leave() {
+        let net = MemNetwork::new();
+        let a = node(&net, 1, vec![]);
+        let b = node(&net, 2, vec![addr(10_001)]);
+        let c = node(&net, 3, vec![addr(10_001)]);
+        assert!(wait_until(|| [&a, &b, &c].iter().all(|h| alive(h) == 3), 20).await);
+        let names: Vec<_> = b
+            .members()
+            .iter()
+            .map(|m| m.meta.as_ref().map(|x| x.name.clone()))
+            .collect();
+        assert!(
+            wait_until(|| c.members().iter().all(|m| m.meta.is_some()), 20).await,
+            "names learned: {names:?}"
+        );
+        c.shutdown().await;
+        net.detach(addr(10_003));
+        let down = |h: &MembershipHandle| {
+            h.members()
+                .iter()
+                .any(|m| m.identity.node_id == [3; 16] && m.state == MemberState::Down)
+        };
+        assert!(wait_until(|| down(&a) && down(&b), 20).await);
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
