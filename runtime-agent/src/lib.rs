@@ -53,15 +53,16 @@ mod runtime;
 mod spec;
 mod types;
 
+pub use docker::{DEFAULT_SOCKET as DOCKER_DEFAULT_SOCKET, DockerOptions, DockerRuntime};
 pub use error::{Result, RuntimeError};
 pub use fake::{FAKE_FIRST_HOST_PORT, FakeFailure, FakeRuntime};
 pub use negative_cache::NegativeCache;
 pub use process::ProcessRuntime;
 pub use runtime::ContainerRuntime;
 pub use spec::{
-    InstanceSpec, LABEL_INSTANCE, LABEL_NODE, LABEL_SERVICE, LABEL_SLOT, LABEL_VERSION,
-    MAX_NAME_LEN, PortSpec, Protocol, RESERVED_LABELS, Resources, Workload, check_instance_id,
-    port_env_name,
+    InstanceSpec, LABEL_INSTANCE, LABEL_NODE, LABEL_PORT_PREFIX, LABEL_SERVICE, LABEL_SLOT,
+    LABEL_VERSION, MAX_NAME_LEN, PortSpec, Protocol, RESERVED_LABELS, Resources, Workload,
+    check_instance_id, port_env_name,
 };
 pub use types::{
     BoundPort, DEFAULT_EXEC_TIMEOUT, EVENT_CHANNEL_CAPACITY, EXEC_OUTPUT_CAP, EventKind,

@@ -27,6 +27,10 @@ pub const RESERVED_LABELS: [&str; 5] = [
     LABEL_INSTANCE,
 ];
 
+/// Prefix of the labels the Docker runtime uses to remember port names
+/// (`shoal.port.<name>` = `8080/tcp`); reserved too.
+pub const LABEL_PORT_PREFIX: &str = "shoal.port.";
+
 /// Longest instance id, service or node name accepted (they end up in container names).
 pub const MAX_NAME_LEN: usize = 128;
 
@@ -198,7 +202,7 @@ impl InstanceSpec {
             }
         }
         for k in self.labels.keys() {
-            if RESERVED_LABELS.contains(&k.as_str()) {
+            if RESERVED_LABELS.contains(&k.as_str()) || k.starts_with(LABEL_PORT_PREFIX) {
                 return Err(RuntimeError::InvalidSpec(format!(
                     "label `{k}` is reserved for shoal's own use"
                 )));
@@ -331,6 +335,9 @@ mod tests {
     fn extra_labels_may_not_override_identity_labels() {
         let mut s = spec();
         s.labels.insert(LABEL_NODE.into(), "other".into());
+        assert!(s.validate().unwrap_err().to_string().contains("reserved"));
+        let mut s = spec();
+        s.labels.insert("shoal.port.http".into(), "1/tcp".into());
         assert!(s.validate().unwrap_err().to_string().contains("reserved"));
     }
 
