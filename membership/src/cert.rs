@@ -1021,7 +1021,7 @@ impl NodeCredentials {
 fn read_file(path: &Path, cap: usize) -> Result<Vec<u8>, MembershipError> {
     let file_err = |source| MembershipError::File {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let meta = fs::metadata(path).map_err(file_err)?;
     if meta.len() > cap as u64 {
@@ -1040,14 +1040,14 @@ fn read_file(path: &Path, cap: usize) -> Result<Vec<u8>, MembershipError> {
 fn create_dir(dir: &Path) -> Result<(), MembershipError> {
     fs::create_dir_all(dir).map_err(|source| MembershipError::File {
         path: dir.to_path_buf(),
-        source,
+        error: source,
     })
 }
 
 fn write_new(path: &Path, bytes: &[u8], secret: bool) -> Result<(), MembershipError> {
     let file_err = |source| MembershipError::File {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     if path.exists() {
         return Err(MembershipError::InvalidArgument(format!(
@@ -1073,7 +1073,7 @@ fn write_new(path: &Path, bytes: &[u8], secret: bool) -> Result<(), MembershipEr
 fn write_replace(path: &Path, bytes: &[u8]) -> Result<(), MembershipError> {
     fs::write(path, bytes).map_err(|source| MembershipError::File {
         path: path.to_path_buf(),
-        source,
+        error: source,
     })
 }
 

@@ -24,12 +24,12 @@ pub enum MembershipError {
     #[error(transparent)]
     Io(#[from] std::io::Error),
     /// A file of the cluster authority or of a node's credentials could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{}: {error}", path.display())]
     File {
         /// The file or directory concerned.
         path: std::path::PathBuf,
         /// What the operating system said.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Bytes (a certificate, a key, a token, a frame, a handshake payload) are not in the
     /// expected strict format.
@@ -71,4 +71,11 @@ pub enum MembershipError {
     /// The link (stream or socket) is closed.
     #[error("link closed")]
     LinkClosed,
+    /// A cluster-state record or sync message was refused (malformed, inconsistent, clock
+    /// too far ahead).
+    #[error("state: {0}")]
+    State(String),
+    /// The state database failed.
+    #[error("state storage: {0}")]
+    Storage(String),
 }

@@ -3,6 +3,7 @@
 //! This crate owns the command line (clap), the HTTP API, process wiring, signals and telemetry;
 //! it is the only crate that uses `anyhow`. Each subcommand lives in its own module.
 
+mod cmd_ca;
 mod cmd_validate;
 
 use std::process::ExitCode;
@@ -21,12 +22,18 @@ struct Cli {
 enum Command {
     /// Check service specs and node configs; print every mistake with its line and column.
     Validate(cmd_validate::Args),
+    /// The cluster authority: `shoal ca init --dir DIR`.
+    Ca(cmd_ca::CaArgs),
+    /// Node certificates: `shoal cert issue --ca DIR --name NAME --out OUT`.
+    Cert(cmd_ca::CertArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Validate(args) => cmd_validate::run(args),
+        Command::Ca(args) => cmd_ca::run_ca(args),
+        Command::Cert(args) => cmd_ca::run_cert(args),
     };
     match result {
         Ok(code) => code,
