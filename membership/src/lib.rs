@@ -11,5 +11,6 @@ pub mod error;
 pub mod handle;
 pub mod identity;
 pub mod link;
+pub mod state;
 
 pub use error::MembershipError;
