@@ -10,7 +10,9 @@ pub mod driver;
 pub mod error;
 pub mod handle;
 pub mod identity;
+pub mod lease;
 pub mod link;
 pub mod state;
+pub mod sync;
 
 pub use error::MembershipError;
