@@ -76,6 +76,19 @@ impl CoreConfig {
         }
     }
 
+    /// The preset from the node config's effective timing; `max_packet_size` is the largest
+    /// SWIM packet the link carries (1400 minus the link's per-datagram overhead).
+    pub fn from_timing(t: &shoal_config::MembershipTiming, max_packet_size: usize) -> Self {
+        Self {
+            probe_period: t.probe_period,
+            probe_rtt: t.probe_timeout,
+            suspicion: t.suspicion,
+            gossip_interval: t.gossip_interval,
+            max_packet_size,
+            ..Self::lan()
+        }
+    }
+
     /// The foca configuration for a cluster of `cluster_size` members.
     pub fn foca_config(&self, cluster_size: usize) -> foca::Config {
         let n = NonZeroU32::new(u32::try_from(cluster_size.max(1)).unwrap_or(u32::MAX))

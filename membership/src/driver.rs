@@ -18,6 +18,7 @@ use crate::core::{Input, MembershipCore, PeerMeta, TimerEvent};
 use crate::error::MembershipError;
 use crate::handle::{MembershipHandle, Snapshot};
 use crate::identity::NodeIdBytes;
+use crate::link::NoiseUdp;
 
 /// One authenticated datagram out of a transport.
 #[derive(Debug, Clone)]
@@ -119,6 +120,55 @@ impl Transport for MemTransport {
             .recv()
             .await
             .ok_or(MembershipError::Stopped)
+    }
+}
+
+/// The real transport: [`NoiseUdp`] (only authenticated, decrypted, non-replayed datagrams come
+/// out). Reports a peer's name and labels the first time it sees a certificate serial.
+pub struct NoiseTransport {
+    udp: NoiseUdp,
+    seen: Mutex<HashMap<NodeIdBytes, u64>>,
+}
+
+impl NoiseTransport {
+    /// Wraps a bound gossip socket.
+    pub fn new(udp: NoiseUdp) -> Self {
+        Self {
+            udp,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.udp.local_addr()
+    }
+
+    /// The largest SWIM packet that fits a 1400-byte sealed datagram.
+    pub const MAX_SWIM_PACKET: usize = 1400 - NoiseUdp::OVERHEAD;
+}
+
+impl Transport for NoiseTransport {
+    async fn send_to(&self, to: SocketAddr, bytes: &[u8]) -> Result<(), MembershipError> {
+        self.udp.send_to(to, bytes).await
+    }
+
+    async fn recv(&self) -> Result<Received, MembershipError> {
+        let (cert, from, bytes) = self.udp.recv().await?;
+        let fresh = {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            // Bounded by the number of distinct authenticated node ids.
+            seen.insert(cert.node_id, cert.serial) != Some(cert.serial)
+        };
+        Ok(Received {
+            node_id: cert.node_id,
+            meta: fresh.then(|| PeerMeta {
+                name: cert.name.clone(),
+                labels: cert.labels.clone(),
+            }),
+            from,
+            bytes,
+        })
     }
 }
 
@@ -296,9 +346,7 @@ pub fn spawn<T: Transport>(core: MembershipCore, transport: Arc<T>) -> Membershi
                     }
                 }
                 Some(r) = data_rx.recv() => {
-                    if let Some(meta) = r.meta
-                        && !owner.core.knows_peer(&r.node_id)
-                    {
+                    if let Some(meta) = r.meta {
                         owner.core.learn_peer(r.node_id, meta);
                     }
                     let now = owner.now();

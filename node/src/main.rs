@@ -3,8 +3,12 @@
 //! This crate owns the command line (clap), the HTTP API, process wiring, signals and telemetry;
 //! it is the only crate that uses `anyhow`. Each subcommand lives in its own module.
 
+mod agent;
+mod api;
+mod cmd_nodes;
 mod cmd_ca;
 mod cmd_validate;
+mod metrics;
 
 use std::process::ExitCode;
 
@@ -26,6 +30,10 @@ enum Command {
     Ca(cmd_ca::CaArgs),
     /// Node certificates: `shoal cert issue --ca DIR --name NAME --out OUT`.
     Cert(cmd_ca::CertArgs),
+    /// Run the agent: join the cluster through the seeds and serve the HTTP API.
+    Agent(agent::Args),
+    /// List the cluster's members as a running agent sees them.
+    Nodes(cmd_nodes::Args),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +42,8 @@ fn main() -> ExitCode {
         Command::Validate(args) => cmd_validate::run(args),
         Command::Ca(args) => cmd_ca::run_ca(args),
         Command::Cert(args) => cmd_ca::run_cert(args),
+        Command::Agent(args) => agent::run(args),
+        Command::Nodes(args) => cmd_nodes::run(args),
     };
     match result {
         Ok(code) => code,
