@@ -10,6 +10,8 @@ use snow::TransportState;
 use crate::error::MembershipError;
 use crate::link::handshake::{MAX_NOISE_MSG, TAG_LEN};
 
+const _: () = assert!(MAX_CHUNK + TAG_LEN == MAX_NOISE_MSG);
+
 /// The largest plaintext inside one Noise message.
 pub const MAX_CHUNK: usize = MAX_NOISE_MSG - TAG_LEN;
 /// Default cap on one application frame.
@@ -43,7 +45,10 @@ pub fn prefix(msg: &[u8], out: &mut Vec<u8>) {
 pub struct StreamCodec {
     ts: TransportState,
     max_frame: usize,
+    /// Received wire bytes; `rx[rx_start..]` is not yet consumed.
     rx: Vec<u8>,
+    rx_start: usize,
+    scratch: Vec<u8>,
     partial: Option<(usize, Vec<u8>)>,
     broken: bool,
 }
@@ -51,10 +56,13 @@ pub struct StreamCodec {
 impl std::fmt::Debug for StreamCodec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StreamCodec")
-            .field("buffered", &self.rx.len())
+            .field("buffered", &self.buffered())
             .finish_non_exhaustive()
     }
 }
+
+/// How much a read may append to the receive buffer at once.
+pub const READ_CHUNK: usize = 64 * 1024;
 
 impl StreamCodec {
     /// Wraps stream keys; frames above `max_frame` bytes are refused both ways.
@@ -63,6 +71,8 @@ impl StreamCodec {
             ts,
             max_frame,
             rx: Vec::new(),
+            rx_start: 0,
+            scratch: Vec::new(),
             partial: None,
             broken: false,
         }
@@ -82,28 +92,53 @@ impl StreamCodec {
             .saturating_sub(MAX_CHUNK - 4)
             .div_ceil(MAX_CHUNK);
         let mut out = Vec::with_capacity(payload.len() + chunks * (LEN_PREFIX + TAG_LEN) + 4);
-        let mut msg = vec![0u8; MAX_NOISE_MSG];
         let first_len = payload.len().min(MAX_CHUNK - 4);
-        let mut first = Vec::with_capacity(4 + first_len);
-        first.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        first.extend_from_slice(&payload[..first_len]);
-        let n = self.ts.write_message(&first, &mut msg).map_err(crypto)?;
-        prefix(&msg[..n], &mut out);
+        self.scratch.clear();
+        self.scratch
+            .extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        self.scratch.extend_from_slice(&payload[..first_len]);
+        let mut seal = |plain: &[u8], out: &mut Vec<u8>| -> Result<(), MembershipError> {
+            let at = out.len();
+            out.resize(at + LEN_PREFIX + plain.len() + TAG_LEN, 0);
+            let n = self
+                .ts
+                .write_message(plain, &mut out[at + LEN_PREFIX..])
+                .map_err(crypto)?;
+            out[at..at + LEN_PREFIX].copy_from_slice(&(n as u16).to_be_bytes());
+            out.truncate(at + LEN_PREFIX + n);
+            Ok(())
+        };
+        seal(&self.scratch, &mut out)?;
         for chunk in payload[first_len..].chunks(MAX_CHUNK) {
-            let n = self.ts.write_message(chunk, &mut msg).map_err(crypto)?;
-            prefix(&msg[..n], &mut out);
+            seal(chunk, &mut out)?;
         }
         Ok(out)
     }
 
     /// Appends bytes read from the socket.
     pub fn push_bytes(&mut self, bytes: &[u8]) {
+        self.compact();
         self.rx.extend_from_slice(bytes);
     }
 
-    /// Whether the buffer holds less than one whole Noise message (the shell should read).
+    /// The receive buffer, compacted and with room for [`READ_CHUNK`] more bytes, for a
+    /// socket read to append to (call only after [`StreamCodec::next_frame`] returned `None`).
+    pub fn read_buffer(&mut self) -> &mut Vec<u8> {
+        self.compact();
+        self.rx.reserve(READ_CHUNK);
+        &mut self.rx
+    }
+
+    fn compact(&mut self) {
+        if self.rx_start > 0 {
+            self.rx.drain(..self.rx_start);
+            self.rx_start = 0;
+        }
+    }
+
+    /// Bytes received and not yet consumed.
     pub fn buffered(&self) -> usize {
-        self.rx.len()
+        self.rx.len() - self.rx_start
     }
 
     /// The next complete frame, if the buffered bytes hold one. An error breaks the stream.
@@ -115,6 +150,7 @@ impl StreamCodec {
         if r.is_err() {
             self.broken = true;
             self.rx.clear();
+            self.rx_start = 0;
             self.partial = None;
         }
         r
@@ -126,16 +162,21 @@ impl StreamCodec {
             reason: reason.into(),
         };
         loop {
-            let Some(len) = message_len(&self.rx)? else {
+            let Some(len) = message_len(&self.rx[self.rx_start..])? else {
                 return Ok(None);
             };
+            let msg_at = self.rx_start + LEN_PREFIX;
             let mut plain = vec![0u8; len];
             let n = self
                 .ts
-                .read_message(&self.rx[LEN_PREFIX..LEN_PREFIX + len], &mut plain)
+                .read_message(&self.rx[msg_at..msg_at + len], &mut plain)
                 .map_err(|_| bad("message does not authenticate"))?;
             plain.truncate(n);
-            self.rx.drain(..LEN_PREFIX + len);
+            self.rx_start = msg_at + len;
+            if self.rx_start == self.rx.len() {
+                self.rx.clear();
+                self.rx_start = 0;
+            }
             match self.partial.take() {
                 None => {
                     if plain.len() < 4 {
@@ -149,7 +190,9 @@ impl StreamCodec {
                             max: self.max_frame,
                         });
                     }
-                    let data = plain.split_off(4);
+                    plain.copy_within(4.., 0);
+                    plain.truncate(plain.len() - 4);
+                    let data = plain;
                     if data.len() > total {
                         return Err(bad("chunk longer than the frame"));
                     }

@@ -705,7 +705,6 @@ pub struct NoiseStream {
     peer: Arc<Certificate>,
     remote: SocketAddr,
     metrics: Arc<LinkMetrics>,
-    rbuf: Box<[u8]>,
 }
 
 impl std::fmt::Debug for NoiseStream {
@@ -732,7 +731,6 @@ impl NoiseStream {
             peer,
             remote,
             metrics,
-            rbuf: vec![0u8; 64 * 1024].into_boxed_slice(),
         }
     }
 
@@ -806,11 +804,10 @@ impl NoiseStream {
                 inc(&self.metrics.frames_in);
                 return Ok(frame);
             }
-            let n = self.tcp.read(&mut self.rbuf).await?;
+            let n = self.tcp.read_buf(self.codec.read_buffer()).await?;
             if n == 0 {
                 return Err(MembershipError::LinkClosed);
             }
-            self.codec.push_bytes(&self.rbuf[..n]);
         }
     }
 }
