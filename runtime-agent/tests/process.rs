@@ -60,6 +60,41 @@ fn www_dir(root: &Path) -> std::path::PathBuf {
     www
 }
 
+/// Kills every process group recorded under a data dir when dropped, so a failing test leaves
+/// no process behind.
+struct Cleanup(std::path::PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let Ok(dirs) = std::fs::read_dir(self.0.join("instances")) else {
+            return;
+        };
+        for d in dirs.flatten() {
+            let Ok(text) = std::fs::read_to_string(d.path().join("state.json")) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            // Only a group whose leader is still the recorded process: a pgid can be reused.
+            let leader_start = v["pid"].as_i64().and_then(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                let rest = &stat[stat.rfind(')')? + 1..];
+                rest.split_whitespace().nth(19)?.parse::<u64>().ok()
+            });
+            if leader_start.is_none() || leader_start != v["start_ticks"].as_u64() {
+                continue;
+            }
+            if let Some(pgid) = v["pgid"].as_i64() {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pgid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
 fn group_alive(pgid: i32) -> bool {
     std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
         let Ok(text) = std::fs::read_to_string(e.path().join("stat")) else {
@@ -86,6 +121,7 @@ async fn a_process_instance_starts_serves_http_on_its_reported_port_and_stops_an
     need_busybox();
     let _g = LOCK.lock().await;
     let dir = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(dir.path().join("data"));
     let rt = ProcessRuntime::open(dir.path().join("data"), "pn1")
         .await
         .unwrap();
@@ -151,6 +187,7 @@ async fn port_variables_are_in_the_environment_and_expanded_in_the_command() {
     need_busybox();
     let _g = LOCK.lock().await;
     let dir = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(dir.path().to_path_buf());
     let rt = ProcessRuntime::open(dir.path(), "pn1").await.unwrap();
     let mut spec = sh(
         "env",
@@ -182,6 +219,7 @@ async fn stop_terminates_the_whole_process_group_and_kills_it_after_the_grace_pe
     need_busybox();
     let _g = LOCK.lock().await;
     let dir = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(dir.path().to_path_buf());
     let rt = ProcessRuntime::open(dir.path(), "pn1").await.unwrap();
     let mut ev = rt.events();
     // The shell ignores SIGTERM; its children are in the same group.
@@ -222,6 +260,7 @@ async fn a_crashing_process_reports_its_exit_code_and_is_replaced_by_the_next_st
     need_busybox();
     let _g = LOCK.lock().await;
     let dir = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(dir.path().to_path_buf());
     let rt = ProcessRuntime::open(dir.path(), "pn1").await.unwrap();
     let mut ev = rt.events();
     let spec = sh("crashy", "echo dying; exit 3");
@@ -249,6 +288,7 @@ async fn exec_runs_with_the_instance_environment_and_returns_code_and_output() {
     need_busybox();
     let _g = LOCK.lock().await;
     let dir = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(dir.path().to_path_buf());
     let rt = ProcessRuntime::open(dir.path(), "pn1").await.unwrap();
     let spec = sh("probe", "sleep 60").with_port("http", 0, None);
     let info = rt.ensure_started(&spec).await.unwrap();
@@ -285,6 +325,7 @@ async fn stats_report_the_cpu_and_memory_of_a_busy_process() {
     need_busybox();
     let _g = LOCK.lock().await;
     let dir = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(dir.path().to_path_buf());
     let rt = ProcessRuntime::open(dir.path(), "pn1").await.unwrap();
     let mut spec = sh("busy", "while :; do :; done");
     spec.resources.memory_bytes = Some(64 << 20);
@@ -318,6 +359,7 @@ async fn logs_give_the_last_lines_and_follow_new_ones_until_exit() {
     need_busybox();
     let _g = LOCK.lock().await;
     let dir = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(dir.path().to_path_buf());
     let rt = ProcessRuntime::open(dir.path(), "pn1").await.unwrap();
     let spec = sh(
         "chatty",
@@ -361,6 +403,7 @@ async fn a_restarted_agent_adopts_its_running_processes_and_restarts_none() {
     let _g = LOCK.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
+    let _cleanup = Cleanup(data.clone());
     let www = www_dir(dir.path());
     let (a, b) = {
         let rt = ProcessRuntime::open(&data, "pn1").await.unwrap();
@@ -428,6 +471,7 @@ async fn a_taken_port_a_missing_program_and_an_image_spec_give_clear_errors() {
     need_busybox();
     let _g = LOCK.lock().await;
     let dir = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(dir.path().to_path_buf());
     let rt = ProcessRuntime::open(dir.path(), "pn1").await.unwrap();
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
@@ -475,6 +519,7 @@ async fn a_corrupt_state_file_is_skipped_not_a_panic() {
     let inst = dir.path().join("instances/bad-0-v1");
     std::fs::create_dir_all(&inst).unwrap();
     std::fs::write(inst.join("state.json"), b"{not json").unwrap();
+    let _cleanup = Cleanup(dir.path().to_path_buf());
     let rt = ProcessRuntime::open(dir.path(), "pn1").await.unwrap();
     assert!(rt.list().await.unwrap().is_empty());
 }
