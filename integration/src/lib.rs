@@ -2,4 +2,5 @@
 //! one process, real agents on loopback, and workloads on the real Docker Engine. It is
 //! development-only and never shipped.
 
+pub mod lease_sim;
 pub mod sim;
