@@ -27,7 +27,9 @@ pub use service::{
     Strategy, TcpCheck, UpdateOrder, UpdatePolicy,
 };
 pub use units::{ByteSize, duration_serde, format_duration, opt_duration_serde, parse_duration};
-pub use validate::{MAX_REPLICAS, Violation, is_valid_name, validate_node, validate_service};
+pub use validate::{
+    MAX_REPLICAS, MAX_SPREAD_LEVELS, Violation, is_valid_name, validate_node, validate_service,
+};
 
 use reader::{Reader, Span, Tbl};
 

@@ -29,6 +29,9 @@ impl Rules {
     }
 }
 
+/// Most levels a `placement.spread` hierarchy may have.
+pub const MAX_SPREAD_LEVELS: usize = 6;
+
 /// Largest replica count and autoscale bound accepted.
 pub const MAX_REPLICAS: u32 = 100_000;
 
@@ -161,6 +164,11 @@ pub fn validate_service(spec: &ServiceSpec) -> Vec<Violation> {
         );
     }
     let pl = &spec.placement;
+    r.check(
+        pl.spread.len() <= MAX_SPREAD_LEVELS,
+        "placement.spread",
+        format!("at most {MAX_SPREAD_LEVELS} levels"),
+    );
     let mut levels = BTreeSet::new();
     for (i, level) in pl.spread.iter().enumerate() {
         r.check(
