@@ -205,6 +205,12 @@ rule!(
     |s| s.placement.spread = vec!["data center".into()]
 );
 rule!(
+    spread_has_at_most_six_levels,
+    "placement.spread",
+    "at most 6 levels",
+    |s| s.placement.spread = (0..7).map(|i| format!("l{i}")).collect()
+);
+rule!(
     spread_levels_are_unique,
     "placement.spread[1]",
     "appears twice",
