@@ -157,7 +157,13 @@ pub(crate) fn parse_docker_time(s: &str) -> Option<SystemTime> {
     let h: i64 = t.next()?.parse().ok()?;
     let m: i64 = t.next()?.parse().ok()?;
     let sec: i64 = t.next()?.parse().ok()?;
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
+    if !(1970..=9999).contains(&year)
+        || !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || !(0..=23).contains(&h)
+        || !(0..=59).contains(&m)
+        || !(0..=60).contains(&sec)
+    {
         return None;
     }
     // Days from the civil date (Howard Hinnant's algorithm).
@@ -1019,6 +1025,23 @@ mod tests {
             assert_eq!(parse_docker_time(s), None, "{s}");
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_parses_to_a_time_or_none_without_panicking(s in "\\PC{0,40}") {
+            let _ = parse_docker_time(&s);
+        }
+
+        #[test]
+        fn timestamp_shaped_text_with_wild_numbers_does_not_panic(
+            y in any::<i64>(), mo in -2i64..15, d in -2i64..34,
+            h in -2i64..26, mi in -2i64..62, se in -2i64..62, frac in "[0-9]{0,12}"
+        ) {
+            let _ = parse_docker_time(&format!("{y}-{mo}-{d}T{h}:{mi}:{se}.{frac}Z"));
+        }
+    }
+
+    use proptest::prelude::any;
 
     #[test]
     fn a_grace_period_is_rounded_up_to_whole_seconds() {

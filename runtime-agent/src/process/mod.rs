@@ -149,6 +149,13 @@ impl Drop for Inner {
 }
 
 /// Runs instances as local processes. Cheap to clone.
+///
+/// Layout of the data dir: `instances/<id>/state.json` (pid, process group, start time, spec,
+/// bound ports, exit) and `instances/<id>/output.log` (stdout and stderr, appended; not
+/// rotated). When the agent stops, the processes keep running; [`ProcessRuntime::open`] adopts
+/// those still alive (same pid *and* same start time) and marks the others exited with an
+/// unknown code — see the crate docs. The process runtime sets no CPU or memory limits, has no
+/// network isolation (`network` is ignored) and cannot tell an OOM kill from another SIGKILL.
 #[derive(Clone)]
 pub struct ProcessRuntime {
     inner: Arc<Inner>,
@@ -692,6 +699,21 @@ impl ContainerRuntime for ProcessRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn random_state_file_bytes_are_an_error_not_a_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join(STATE_FILE), &bytes).unwrap();
+            proptest::prop_assert!(read_state(dir.path()).is_err());
+        }
+
+        #[test]
+        fn expansion_never_panics(arg in "\\PC{0,60}") {
+            let env: BTreeMap<String, String> = [("A".to_string(), "1".to_string())].into();
+            let _ = expand(&arg, &env);
+        }
+    }
 
     #[test]
     fn known_variables_are_expanded_and_unknown_ones_left_alone() {

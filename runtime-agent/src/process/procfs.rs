@@ -30,7 +30,11 @@ pub(crate) fn parse_stat(text: &str) -> Option<ProcStat> {
     Some(ProcStat {
         state: f.first()?.chars().next()?,
         pgrp: f.get(2)?.parse().ok()?,
-        cpu_ticks: f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+        cpu_ticks: f
+            .get(11)?
+            .parse::<u64>()
+            .ok()?
+            .checked_add(f.get(12)?.parse::<u64>().ok()?)?,
         start_ticks: f.get(19)?.parse().ok()?,
     })
 }
@@ -54,7 +58,7 @@ pub(crate) fn rss_bytes(pid: i32) -> Option<u64> {
 pub(crate) fn parse_vm_rss(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_ascii_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    kb.checked_mul(1024)
 }
 
 /// Live (non-zombie) members of process group `pgid`: (pid, stat).
@@ -96,6 +100,14 @@ mod tests {
         assert!(is_same_live_process(me, s.start_ticks));
         assert!(!is_same_live_process(me, s.start_ticks + 1));
         assert!(rss_bytes(me).unwrap() > 0);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_stat_or_status_text_parses_or_is_none_without_panicking(s in "\\PC{0,200}") {
+            let _ = parse_stat(&s);
+            let _ = parse_vm_rss(&s);
+        }
     }
 
     #[test]
