@@ -3,4 +3,6 @@
 //! rollout and autoscale state machines. It is the only crate that knows actix. The pure modules
 //! never touch actix, a clock or a socket.
 
+pub mod health;
 pub mod placement;
+pub mod restart;
