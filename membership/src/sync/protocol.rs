@@ -9,7 +9,8 @@
 //!    differing buckets. B → A `SyncWant(differing buckets)` then `SyncRecords` chunks (the
 //!    last one marked).
 //! 3. A merges, then A → B `SyncRecords` with its records in the wanted buckets (after the
-//!    merge, so they are the union); B merges. Both now agree on every bucket that differed.
+//!    merge, so they are the union), except those it just received; B merges. Both now agree
+//!    on every bucket that differed.
 
 use serde::{Deserialize, Serialize};
 
@@ -130,6 +131,20 @@ pub fn frames(records: Vec<Record>, full: bool) -> Vec<ControlMsg> {
     out
 }
 
+/// Step 3: the initiator's records in the wanted buckets, minus those it just received from
+/// the responder (which the responder obviously has).
+pub fn push_back(
+    store: &StateStore,
+    want: &[BucketId],
+    received: &std::collections::HashSet<(crate::state::RecordKey, crate::state::Stamp)>,
+) -> Vec<Record> {
+    store
+        .records_in(want)
+        .into_iter()
+        .filter(|r| !received.contains(&(r.key.clone(), r.stamp)))
+        .collect()
+}
+
 /// One whole anti-entropy exchange between two in-memory stores, as the stream shell runs it
 /// (used by the simulation and the tests). Returns the encoded bytes moved in each direction.
 pub fn sync_pair(initiator: &mut StateStore, responder: &mut StateStore) -> (usize, usize) {
@@ -143,15 +158,17 @@ pub fn sync_pair(initiator: &mut StateStore, responder: &mut StateStore) -> (usi
     let plan = plan_reply(responder, &d);
     let want = ControlMsg::SyncWant(plan.want.clone());
     b_to_a += want.encode().map(|b| b.len()).unwrap_or(0);
+    let mut received = std::collections::HashSet::new();
     for f in frames(plan.records, plan.full) {
         b_to_a += f.encode().map(|b| b.len()).unwrap_or(0);
         if let ControlMsg::SyncRecords { records, .. } = f {
             for r in records {
+                received.insert((r.key.clone(), r.stamp));
                 initiator.merge(r);
             }
         }
     }
-    for f in frames(initiator.records_in(&plan.want), false) {
+    for f in frames(push_back(initiator, &plan.want, &received), false) {
         a_to_b += f.encode().map(|b| b.len()).unwrap_or(0);
         if let ControlMsg::SyncRecords { records, .. } = f {
             for r in records {
