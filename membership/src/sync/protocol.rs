@@ -132,16 +132,16 @@ pub fn frames(records: Vec<Record>, full: bool) -> Vec<ControlMsg> {
 }
 
 /// Step 3: the initiator's records in the wanted buckets, minus those it just received from
-/// the responder (which the responder obviously has).
+/// the responder (same key and fingerprint: the responder has exactly those).
 pub fn push_back(
     store: &StateStore,
     want: &[BucketId],
-    received: &std::collections::HashSet<(crate::state::RecordKey, crate::state::Stamp)>,
+    received: &std::collections::HashSet<(crate::state::RecordKey, u64)>,
 ) -> Vec<Record> {
     store
         .records_in(want)
         .into_iter()
-        .filter(|r| !received.contains(&(r.key.clone(), r.stamp)))
+        .filter(|r| !received.contains(&(r.key.clone(), r.fingerprint())))
         .collect()
 }
 
@@ -163,7 +163,7 @@ pub fn sync_pair(initiator: &mut StateStore, responder: &mut StateStore) -> (usi
         b_to_a += f.encode().map(|b| b.len()).unwrap_or(0);
         if let ControlMsg::SyncRecords { records, .. } = f {
             for r in records {
-                received.insert((r.key.clone(), r.stamp));
+                received.insert((r.key.clone(), r.fingerprint()));
                 initiator.merge(r);
             }
         }
