@@ -22,9 +22,7 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 use bytes::Bytes;
-use foca::{
-    AccumulatingRuntime, Foca, Message, NoCustomBroadcast, OwnedNotification, State, Timer,
-};
+use foca::{AccumulatingRuntime, Foca, Message, OwnedNotification, State, Timer};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -195,6 +193,8 @@ pub enum Input<'a> {
     Timer(TimerEvent),
     /// Leave the cluster gracefully (tell a few members we are going down).
     Leave,
+    /// Disseminate a cluster-state delta (a foca custom broadcast; see `crate::sync::gossip`).
+    Broadcast(&'a [u8]),
 }
 
 /// What happened to the membership, for watchers.
@@ -260,7 +260,7 @@ pub struct CoreCounters {
     pub retunes: u64,
 }
 
-type SwimFoca = Foca<NodeIdentity, BincodeCodec, StdRng, NoCustomBroadcast>;
+type SwimFoca = Foca<NodeIdentity, BincodeCodec, StdRng, crate::sync::DeltaBroadcasts>;
 
 /// The membership state machine.
 pub struct MembershipCore {
@@ -299,12 +299,32 @@ impl MembershipCore {
         rng_seed: u64,
         self_meta: PeerMeta,
     ) -> Self {
+        Self::with_broadcasts(
+            identity,
+            config,
+            seeds,
+            rng_seed,
+            self_meta,
+            crate::sync::DeltaBroadcasts::disabled(),
+        )
+    }
+
+    /// Like [`MembershipCore::new`], with cluster-state deltas handled by `broadcasts`.
+    pub fn with_broadcasts(
+        identity: NodeIdentity,
+        config: CoreConfig,
+        seeds: Vec<SocketAddr>,
+        rng_seed: u64,
+        self_meta: PeerMeta,
+        broadcasts: crate::sync::DeltaBroadcasts,
+    ) -> Self {
         let seeds = seeds.into_iter().filter(|s| *s != identity.addr).collect();
-        let foca = Foca::new(
+        let foca = Foca::with_custom_broadcast(
             identity,
             config.foca_config(1),
             StdRng::seed_from_u64(rng_seed),
             BincodeCodec,
+            broadcasts,
         );
         Self {
             foca,
@@ -378,6 +398,11 @@ impl MembershipCore {
             Input::Leave => {
                 if let Err(e) = self.foca.leave_cluster(&mut self.rt) {
                     tracing::debug!(error = %e, "leave");
+                }
+            }
+            Input::Broadcast(bytes) => {
+                if let Err(e) = self.foca.add_broadcast(bytes) {
+                    tracing::debug!(error = %e, "state delta not queued");
                 }
             }
         }

@@ -256,6 +256,8 @@ async fn reader_task<T: Transport>(transport: Arc<T>, out: mpsc::Sender<Received
 
 pub(crate) enum Control {
     Shutdown(oneshot::Sender<()>),
+    /// A cluster-state delta to disseminate.
+    Broadcast(Vec<u8>),
 }
 
 struct Owner<T: Transport> {
@@ -299,7 +301,7 @@ impl<T: Transport> Owner<T> {
 
 /// Starts the membership tasks on the current tokio runtime and returns the handle.
 pub fn spawn<T: Transport>(core: MembershipCore, transport: Arc<T>) -> MembershipHandle {
-    let (control_tx, mut control_rx) = mpsc::channel::<Control>(4);
+    let (control_tx, mut control_rx) = mpsc::channel::<Control>(256);
     let (timer_tx, mut timer_rx) = mpsc::channel::<TimerEvent>(256);
     let (data_tx, mut data_rx) = mpsc::channel::<Received>(1024);
     let timers = Arc::new(TimerQueue::default());
@@ -330,6 +332,12 @@ pub fn spawn<T: Transport>(core: MembershipCore, transport: Arc<T>) -> Membershi
             tokio::select! {
                 biased;
                 ctl = control_rx.recv() => {
+                    if let Some(Control::Broadcast(bytes)) = &ctl {
+                        let now = owner.now();
+                        let fx = owner.core.handle(Input::Broadcast(bytes), now);
+                        owner.apply(fx).await;
+                        continue;
+                    }
                     let Some(Control::Shutdown(done)) = ctl else { break };
                     let now = owner.now();
                     let fx = owner.core.handle(Input::Leave, now);

@@ -64,6 +64,12 @@ impl MembershipHandle {
         self.snapshot.clone()
     }
 
+    /// Queues a cluster-state delta for dissemination (a foca custom broadcast). Never waits:
+    /// false when the membership task is gone or its queue is full.
+    pub fn broadcast(&self, bytes: Vec<u8>) -> bool {
+        self.control.try_send(Control::Broadcast(bytes)).is_ok()
+    }
+
     /// Leaves the cluster gracefully (a few members are told this node is going down), then
     /// stops the membership tasks. Safe to call more than once.
     pub async fn shutdown(&self) {
