@@ -476,3 +476,33 @@ async fn stalled_and_excess_handshakes_are_cut_and_counted() {
     .unwrap();
     assert_eq!(peer.name, "good");
 }
+
+#[tokio::test]
+async fn a_node_bound_to_every_interface_is_answered_at_the_address_it_dialed_from() {
+    let _g = SERIAL.lock().await;
+    let ca = CertificateAuthority::generate(unix_now()).unwrap();
+    let metrics = Arc::new(LinkMetrics::default());
+    let (a, _la) = Links::bind(
+        "0.0.0.0:0".parse().unwrap(),
+        Arc::new(good(&ca, "a")),
+        metrics,
+    )
+    .await
+    .unwrap();
+    let mut b = Node::start(good(&ca, "b")).await;
+    a.send_to(b.addr(), b"hi").await.unwrap();
+    assert_eq!(b.next().await, ("a".to_string(), b"hi".to_vec()));
+    // b answers over the session a set up, toward 127.0.0.1:<a's port>.
+    let a_loopback = SocketAddr::new("127.0.0.1".parse().unwrap(), a.local_addr().port());
+    b.udp.send_to(a_loopback, b"hello").await.unwrap();
+    let (cert, _, data) = tokio::time::timeout(DEADLINE, a.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((cert.name.as_str(), data.as_slice()), ("b", &b"hello"[..]));
+    assert_eq!(
+        b.m().handshakes_completed,
+        1,
+        "b reused a's session instead of dialing"
+    );
+}

@@ -362,9 +362,16 @@ async fn respond(mut tcp: TcpStream, shared: &Arc<Shared>) -> Result<Accepted, F
     let info = est.info.clone();
     match (kind, &shared.udp) {
         (LinkKind::Gossip, Some(udp)) => {
-            let peer_addr = info.peer_udp_addr.ok_or_else(|| {
+            let announced = info.peer_udp_addr.ok_or_else(|| {
                 Failure::Handshake(HandshakeError::Protocol("no gossip address".into()))
             })?;
+            // A peer bound to 0.0.0.0 without an advertised address announces an unspecified
+            // IP: use the IP it connected from.
+            let peer_addr = if announced.ip().is_unspecified() {
+                SocketAddr::new(remote.ip(), announced.port())
+            } else {
+                announced
+            };
             let keys = est.into_stateless()?;
             let confirm = datagram_confirmation(&keys)?;
             udp.table.install(&info, peer_addr, keys, Instant::now());
