@@ -235,7 +235,7 @@ async fn serve(cfg: NodeConfig, creds: Arc<NodeCredentials>) -> anyhow::Result<(
         advertise: Some(advertise),
         ..LinkOptions::default()
     };
-    let (udp, _streams) = Links::bind_with(cfg.bind, creds.clone(), link_metrics.clone(), opts)
+    let (udp, streams) = Links::bind_with(cfg.bind, creds.clone(), link_metrics.clone(), opts)
         .await
         .with_context(|| format!("binding the gossip port {}", cfg.bind))?;
     // With port 0 the OS picked one; advertise what was bound.
@@ -260,12 +260,30 @@ async fn serve(cfg: NodeConfig, creds: Arc<NodeCredentials>) -> anyhow::Result<(
             "the configured name differs from the certificate's; peers see the certificate's"
         );
     }
-    let meta = PeerMeta { name, labels };
+    let cluster = crate::cluster::Cluster::open(
+        &cfg.data_dir,
+        name.clone(),
+        creds.clone(),
+        link_metrics.clone(),
+        crate::cluster::lease_config_from_env(),
+    )?;
+    let meta = PeerMeta {
+        name,
+        labels: labels.clone(),
+    };
     let seeds = resolve_seeds(&cfg.seeds).await;
     let core_cfg =
         CoreConfig::from_timing(&cfg.membership.timing(), NoiseTransport::MAX_SWIM_PACKET);
-    let core = MembershipCore::new(identity, core_cfg, seeds.clone(), boot_epoch, meta);
+    let core = MembershipCore::with_broadcasts(
+        identity,
+        core_cfg,
+        seeds.clone(),
+        boot_epoch,
+        meta,
+        cluster.broadcasts(),
+    );
     let membership = driver::spawn(core, transport);
+    cluster.start(membership.clone(), streams, labels);
     tracing::info!(
         node_id = %cert::hex(&creds.cert.node_id), gossip = %advertise, api = %cfg.api,
         seeds = ?seeds, "shoal agent started"
@@ -274,6 +292,7 @@ async fn serve(cfg: NodeConfig, creds: Arc<NodeCredentials>) -> anyhow::Result<(
     let state = ApiState {
         membership: membership.clone(),
         links: link_metrics,
+        cluster,
     };
     let server = api::server(cfg.api, state)
         .with_context(|| format!("binding the HTTP API on {}", cfg.api))?;

@@ -18,6 +18,7 @@ use shoal_membership::link::LinkMetrics;
 pub(crate) struct ApiState {
     pub(crate) membership: MembershipHandle,
     pub(crate) links: Arc<LinkMetrics>,
+    pub(crate) cluster: Arc<crate::cluster::Cluster>,
 }
 
 /// One member, as `/v1/nodes` and `/v1/self` show it (and `shoal nodes` reads it back).
@@ -82,6 +83,7 @@ async fn live() -> HttpResponse {
 async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
     let snap = state.membership.snapshot();
     let text = crate::metrics::render(&snap, &state.links.snapshot());
+    let text = crate::api_services::append_metrics(text, &state.cluster);
     HttpResponse::Ok()
         .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
         .body(text)
@@ -101,6 +103,7 @@ pub(crate) fn server(addr: SocketAddr, state: ApiState) -> std::io::Result<Serve
             .route("/v1/self", web::get().to(this_node))
             .route("/health/live", web::get().to(live))
             .route("/metrics", web::get().to(metrics))
+            .configure(crate::api_services::routes)
             .default_service(web::to(not_found))
     })
     .workers(1)

@@ -43,7 +43,7 @@ pub(crate) fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> 
     parse_response(&raw)
 }
 
-fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {
+pub(crate) fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

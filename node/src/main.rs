@@ -5,7 +5,10 @@
 
 mod agent;
 mod api;
+mod api_services;
+mod cluster;
 mod cmd_nodes;
+mod cmd_services;
 mod cmd_ca;
 mod cmd_validate;
 mod metrics;
@@ -34,6 +37,14 @@ enum Command {
     Agent(agent::Args),
     /// List the cluster's members as a running agent sees them.
     Nodes(cmd_nodes::Args),
+    /// Create or update a service from a spec file.
+    Deploy(cmd_services::DeployArgs),
+    /// List the services (desired state).
+    Services(cmd_services::ServicesArgs),
+    /// Remove a service.
+    Rm(cmd_services::RmArgs),
+    /// Show which node leads (holds the majority lease), or why none does.
+    Leader(cmd_services::LeaderArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +55,10 @@ fn main() -> ExitCode {
         Command::Cert(args) => cmd_ca::run_cert(args),
         Command::Agent(args) => agent::run(args),
         Command::Nodes(args) => cmd_nodes::run(args),
+        Command::Deploy(args) => cmd_services::deploy(args),
+        Command::Services(args) => cmd_services::services(args),
+        Command::Rm(args) => cmd_services::rm(args),
+        Command::Leader(args) => cmd_services::leader(args),
     };
     match result {
         Ok(code) => code,

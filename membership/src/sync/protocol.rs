@@ -42,8 +42,14 @@ pub enum ControlMsg {
         /// Whether the batch is a full snapshot.
         full: bool,
     },
-    /// A lease request.
-    LeaseRequest(LeaseRequest),
+    /// A lease request, with a hash of the candidate's voter roster (a voter whose roster
+    /// differs refuses).
+    LeaseRequest {
+        /// The request.
+        req: LeaseRequest,
+        /// FNV-1a of the sorted voter ids.
+        roster: u64,
+    },
     /// A lease reply.
     LeaseReply(LeaseReply),
 }
