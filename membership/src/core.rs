@@ -796,6 +796,38 @@ mod tests {
         assert_eq!(fast.probe_period, Duration::from_millis(500));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn random_datagrams_never_panic_the_core(
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1500),
+            kind in 0u8..4,
+        ) {
+            let mut seed = core(1, vec![]);
+            let mut joiner = core(2, vec![addr(7001)]);
+            let fx = joiner.start(Duration::ZERO);
+            // A real announce first, so the seed has a member and reaches deeper code paths.
+            seed.handle(Input::Datagram { from: Some([2; 16]), bytes: &fx.sends[0].1 }, Duration::ZERO);
+            let mut packet = match kind {
+                // a valid header from the known member, then garbage updates
+                0 | 1 => {
+                    let h = foca::Header {
+                        src: *joiner.identity(),
+                        src_incarnation: 0,
+                        dst: *seed.identity(),
+                        message: if kind == 0 { Message::Gossip } else { Message::Ping(1) },
+                    };
+                    encode_header(&h).unwrap()
+                }
+                _ => Vec::new(),
+            };
+            packet.extend_from_slice(&tail);
+            let from = if kind == 3 { None } else { Some([2; 16]) };
+            seed.handle(Input::Datagram { from, bytes: &packet }, Duration::from_secs(1));
+            // And it still works afterwards.
+            let _ = seed.members();
+        }
+    }
+
     #[test]
     fn a_leaving_node_tells_its_members() {
         let mut seed = core(1, vec![]);
