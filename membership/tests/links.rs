@@ -506,3 +506,45 @@ async fn a_node_bound_to_every_interface_is_answered_at_the_address_it_dialed_fr
         "b reused a's session instead of dialing"
     );
 }
+
+#[tokio::test]
+async fn sessions_are_rekeyed_in_the_background_without_losing_datagrams() {
+    let _g = SERIAL.lock().await;
+    let ca = CertificateAuthority::generate(unix_now()).unwrap();
+    let opts = LinkOptions {
+        rekey_after: Duration::from_millis(300),
+        reject_after: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let a = Node::start_with(good(&ca, "a"), opts.clone()).await;
+    let mut b = Node::start_with(good(&ca, "b"), opts).await;
+    let mut sent = 0u32;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1500) {
+        a.udp.send_to(b.addr(), &sent.to_be_bytes()).await.unwrap();
+        b.udp.send_to(a.addr(), b"ack").await.unwrap();
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut got = Vec::new();
+    for _ in 0..sent {
+        let (_, data) = b.next().await;
+        got.push(u32::from_be_bytes(data.try_into().unwrap()));
+    }
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        (0..sent).collect::<Vec<_>>(),
+        "datagrams lost or duplicated across rekeys"
+    );
+    let rekeys = a.m().handshakes_completed;
+    assert!(
+        rekeys >= 3,
+        "only {rekeys} handshakes in 1.5 s with a 300 ms rekey period"
+    );
+    assert_eq!(
+        b.m().dropped_unknown_session + b.m().dropped_auth + b.m().dropped_replay,
+        0
+    );
+    assert_eq!(a.m().send_dropped_no_session, 0);
+}

@@ -385,6 +385,13 @@ impl PendingConfirm {
         Ok((self.0.info, ts))
     }
 
+    /// For datagram sessions: the keys at once (the initiator's handshake is complete once
+    /// msg3 is written); check the confirmation with [`open_datagram_confirmation`].
+    pub fn into_datagram(self) -> Result<(PeerInfo, StatelessTransportState), HandshakeError> {
+        let ts = self.0.hs.into_stateless_transport_mode().map_err(proto)?;
+        Ok((self.0.info, ts))
+    }
+
     /// For datagram sessions: reads the confirmation (sealed with nonce 0).
     pub fn confirm_datagram(
         self,
@@ -471,6 +478,15 @@ impl Responder {
             hs: self.hs,
         })
     }
+}
+
+/// Whether `msg` is the responder's datagram-session confirmation under `keys`.
+pub fn open_datagram_confirmation(keys: &StatelessTransportState, msg: &[u8]) -> bool {
+    if msg.len() > 256 {
+        return false;
+    }
+    let mut buf = [0u8; 256];
+    matches!(keys.read_message(0, msg, &mut buf), Ok(n) if &buf[..n] == CONFIRM)
 }
 
 /// The responder's confirmation for a stream: its first transport message.

@@ -40,6 +40,10 @@ pub struct LinkOptions {
     pub retry_after: Duration,
     /// Accepted streams waiting for [`NoiseListener::accept`].
     pub accept_queue: usize,
+    /// A datagram session is re-handshaken (in the background) once this old.
+    pub rekey_after: Duration,
+    /// A datagram session is no longer used once this old.
+    pub reject_after: Duration,
 }
 
 impl Default for LinkOptions {
@@ -53,6 +57,8 @@ impl Default for LinkOptions {
             queue_per_peer: 32,
             retry_after: Duration::from_secs(1),
             accept_queue: 64,
+            rekey_after: session::REKEY_AFTER,
+            reject_after: session::REJECT_AFTER,
         }
     }
 }
@@ -185,7 +191,7 @@ async fn read_msg(tcp: &mut TcpStream, min: usize, max: usize) -> Result<Vec<u8>
     Ok(msg)
 }
 
-/// Dials `to` and runs the initiator side up to (not including) the confirmation.
+/// Dials `to` and runs the initiator side up to msg3 (returned, not yet sent).
 async fn dial(
     to: SocketAddr,
     kind: LinkKind,
@@ -199,9 +205,13 @@ async fn dial(
     write_msg(&mut tcp, &kind.preamble(), &msg1).await?;
     let msg2 = read_msg(&mut tcp, 32, MAX_NOISE_MSG).await?;
     let (msg3, pending) = init.on_msg2(&msg2, unix_now())?;
-    write_msg(&mut tcp, &[], &msg3).await?;
-    let confirm = read_msg(&mut tcp, 16, 256).await?;
-    Ok((tcp, pending, confirm))
+    Ok((tcp, pending, msg3))
+}
+
+/// Sends msg3 and reads the responder's confirmation.
+async fn finish(tcp: &mut TcpStream, msg3: &[u8]) -> Result<Vec<u8>, Failure> {
+    write_msg(tcp, &[], msg3).await?;
+    read_msg(tcp, 16, 256).await
 }
 
 /// One bind gives both halves of a node's links on one port number.
@@ -241,7 +251,7 @@ impl Links {
         let local = socket.local_addr()?;
         let udp = UdpPart {
             socket,
-            table: SessionTable::new(),
+            table: SessionTable::with_lifetimes(opts.rekey_after, opts.reject_after),
             advertise: opts.advertise.unwrap_or(local),
             ctl: Mutex::new(Control::default()),
         };
@@ -446,7 +456,7 @@ fn start_handshake(shared: &Arc<Shared>, to: SocketAddr) {
         let Some(udp) = &shared.udp else { return };
         let index = udp.table.allocate_index(random_u32);
         let attempt = async {
-            let (_tcp, pending, confirm) = dial(
+            let (mut tcp, pending, msg3) = dial(
                 to,
                 LinkKind::Gossip,
                 &shared.creds,
@@ -454,8 +464,15 @@ fn start_handshake(shared: &Arc<Shared>, to: SocketAddr) {
                 Some(udp.advertise),
             )
             .await?;
-            let (info, keys) = pending.confirm_datagram(&confirm)?;
-            udp.table.install(&info, to, keys, Instant::now());
+            // Receive on the session before the responder can send on it.
+            let (info, keys) = pending.into_datagram()?;
+            udp.table.install_receiving(&info, to, keys, Instant::now());
+            let confirm = finish(&mut tcp, &msg3).await?;
+            if !udp.table.confirm(index, &confirm) {
+                return Err(Failure::Handshake(HandshakeError::Protocol(
+                    "bad session confirmation".into(),
+                )));
+            }
             Ok::<(), Failure>(())
         };
         let result = match tokio::time::timeout(shared.opts.handshake_timeout, attempt).await {
@@ -469,6 +486,7 @@ fn start_handshake(shared: &Arc<Shared>, to: SocketAddr) {
                 flush(&shared, udp, to).await;
             }
             Err(f) => {
+                udp.table.remove(index);
                 f.count(&shared.metrics);
                 tracing::debug!("gossip handshake to {to} failed: {}", f.into_error(to));
                 let mut ctl = lock(&udp.ctl);
@@ -760,8 +778,9 @@ impl NoiseStream {
         opts: &LinkOptions,
     ) -> Result<(Self, Arc<Certificate>), MembershipError> {
         let attempt = async {
-            let (tcp, pending, confirm) =
+            let (mut tcp, pending, msg3) =
                 dial(to, LinkKind::Stream(plane), &creds, 0, None).await?;
+            let confirm = finish(&mut tcp, &msg3).await?;
             let (info, ts) = pending.confirm_stream(&confirm)?;
             Ok::<_, Failure>((tcp, info, ts))
         };

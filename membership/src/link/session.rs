@@ -32,8 +32,9 @@ pub const REKEY_AFTER: Duration = Duration::from_secs(120);
 pub const REJECT_AFTER: Duration = Duration::from_secs(180);
 /// Messages after which a session is replaced (far below the nonce space).
 pub const REKEY_AFTER_MESSAGES: u64 = 1 << 60;
-/// Sessions kept per peer address (the newest sends; older ones still receive).
-pub const SESSIONS_PER_PEER: usize = 2;
+/// Sessions kept per peer address (the newest sends; older ones still receive, so datagrams
+/// in flight during a rekey, even when both sides rekey at once, are not lost).
+pub const SESSIONS_PER_PEER: usize = 3;
 /// Sessions kept in all.
 pub const MAX_SESSIONS: usize = 4096;
 
@@ -107,16 +108,23 @@ impl Tables {
     }
 }
 
-fn usable(s: &Session, now: Instant, now_unix: u64) -> bool {
-    now.saturating_duration_since(s.established) < REJECT_AFTER
+fn usable(s: &Session, now: Instant, now_unix: u64, reject_after: Duration) -> bool {
+    now.saturating_duration_since(s.established) < reject_after
         && now_unix <= s.peer.not_after.saturating_add(CLOCK_SKEW_SECS)
         && s.next_counter < REKEY_AFTER_MESSAGES
 }
 
 /// All datagram sessions of one node.
-#[derive(Default)]
 pub struct SessionTable {
     inner: Mutex<Tables>,
+    rekey_after: Duration,
+    reject_after: Duration,
+}
+
+impl Default for SessionTable {
+    fn default() -> Self {
+        Self::with_lifetimes(REKEY_AFTER, REJECT_AFTER)
+    }
 }
 
 impl std::fmt::Debug for SessionTable {
@@ -128,9 +136,19 @@ impl std::fmt::Debug for SessionTable {
 }
 
 impl SessionTable {
-    /// An empty table.
+    /// An empty table with the default lifetimes ([`REKEY_AFTER`], [`REJECT_AFTER`]).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty table whose sessions ask for a new handshake after `rekey_after` and stop
+    /// working after `reject_after`.
+    pub fn with_lifetimes(rekey_after: Duration, reject_after: Duration) -> Self {
+        SessionTable {
+            inner: Mutex::new(Tables::default()),
+            rekey_after,
+            reject_after: reject_after.max(rekey_after),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Tables> {
@@ -157,14 +175,22 @@ impl SessionTable {
         keys: StatelessTransportState,
         now: Instant,
     ) {
+        self.install_receiving(info, peer_addr, keys, now);
+        self.promote(info.local_session_index);
+    }
+
+    /// Adds a session that receives but does not send yet: the initiator's side between
+    /// writing msg3 and reading the responder's confirmation, so that datagrams the responder
+    /// sends right after confirming are not dropped. [`SessionTable::confirm`] promotes it.
+    pub fn install_receiving(
+        &self,
+        info: &PeerInfo,
+        peer_addr: SocketAddr,
+        keys: StatelessTransportState,
+        now: Instant,
+    ) {
         let mut t = self.lock();
         t.remove(info.local_session_index);
-        let mut old = t.by_peer.remove(&peer_addr).unwrap_or_default();
-        while old.len() >= SESSIONS_PER_PEER {
-            if let Some(i) = old.pop_front() {
-                t.by_index.remove(&i);
-            }
-        }
         while t.by_index.len() >= MAX_SESSIONS {
             let oldest = t
                 .by_index
@@ -172,15 +198,10 @@ impl SessionTable {
                 .min_by_key(|s| s.established)
                 .map(|s| s.local_index);
             match oldest {
-                Some(i) => {
-                    old.retain(|x| *x != i);
-                    t.remove(i);
-                }
+                Some(i) => t.remove(i),
                 None => break,
             }
         }
-        old.push_back(info.local_session_index);
-        t.by_peer.insert(peer_addr, old);
         t.by_index.insert(
             info.local_session_index,
             Session {
@@ -197,6 +218,45 @@ impl SessionTable {
         );
     }
 
+    /// Checks the responder's confirmation (sealed with nonce 0) for a receiving session and,
+    /// if it opens, makes the session the one used to send to its peer. Returns whether it did.
+    pub fn confirm(&self, local_index: u32, confirmation: &[u8]) -> bool {
+        let ok = {
+            let t = self.lock();
+            let Some(s) = t.by_index.get(&local_index) else {
+                return false;
+            };
+            crate::link::handshake::open_datagram_confirmation(&s.keys, confirmation)
+        };
+        if ok {
+            self.promote(local_index);
+        }
+        ok
+    }
+
+    /// Makes a session the newest one of its peer (used for sending), keeping at most
+    /// [`SESSIONS_PER_PEER`] per peer.
+    fn promote(&self, local_index: u32) {
+        let mut t = self.lock();
+        let Some(peer_addr) = t.by_index.get(&local_index).map(|s| s.peer_addr) else {
+            return;
+        };
+        let mut q = t.by_peer.remove(&peer_addr).unwrap_or_default();
+        q.retain(|i| *i != local_index);
+        while q.len() >= SESSIONS_PER_PEER {
+            if let Some(i) = q.pop_front() {
+                t.by_index.remove(&i);
+            }
+        }
+        q.push_back(local_index);
+        t.by_peer.insert(peer_addr, q);
+    }
+
+    /// Removes a session (a handshake that failed after [`SessionTable::install_receiving`]).
+    pub fn remove(&self, local_index: u32) {
+        self.lock().remove(local_index);
+    }
+
     /// Whether a usable session to `peer_addr` exists.
     pub fn has_session(&self, peer_addr: SocketAddr, now: Instant, now_unix: u64) -> bool {
         let t = self.lock();
@@ -204,7 +264,7 @@ impl SessionTable {
             .get(&peer_addr)
             .and_then(|q| q.back())
             .and_then(|i| t.by_index.get(i))
-            .is_some_and(|s| usable(s, now, now_unix))
+            .is_some_and(|s| usable(s, now, now_unix, self.reject_after))
     }
 
     /// Seals `plaintext` for `peer_addr` with the newest session to it.
@@ -225,7 +285,7 @@ impl SessionTable {
         let Some(s) = t.by_index.get_mut(&index) else {
             return Err(SealError::NoSession);
         };
-        if !usable(s, now, now_unix) {
+        if !usable(s, now, now_unix, self.reject_after) {
             t.remove(index);
             return Err(SealError::NoSession);
         }
@@ -240,7 +300,7 @@ impl SessionTable {
             .write_message(counter, plaintext, &mut bytes[HEADER_LEN..])
             .map_err(|_| SealError::NoSession)?;
         bytes.truncate(HEADER_LEN + n);
-        let rekey = now.saturating_duration_since(s.established) >= REKEY_AFTER;
+        let rekey = now.saturating_duration_since(s.established) >= self.rekey_after;
         Ok(Sealed { bytes, rekey })
     }
 
@@ -260,7 +320,7 @@ impl SessionTable {
         let Some(s) = t.by_index.get_mut(&index) else {
             return Err(DropReason::UnknownSession);
         };
-        if !usable(s, now, now_unix) {
+        if !usable(s, now, now_unix, self.reject_after) {
             t.remove(index);
             return Err(DropReason::UnknownSession);
         }
@@ -288,7 +348,7 @@ impl SessionTable {
         let dead: Vec<u32> = t
             .by_index
             .values()
-            .filter(|s| !usable(s, now, now_unix))
+            .filter(|s| !usable(s, now, now_unix, self.reject_after))
             .map(|s| s.local_index)
             .collect();
         for i in dead {
@@ -397,6 +457,43 @@ mod tests {
             a.seal(b_addr, b"x", t0 + REJECT_AFTER, NOW).unwrap_err(),
             SealError::NoSession
         );
+    }
+
+    #[test]
+    fn an_initiator_receives_before_the_confirmation_and_sends_only_after_it() {
+        let ca = CertificateAuthority::generate(NOW).unwrap();
+        let issue = |n: &str| -> Arc<NodeCredentials> {
+            Arc::new(
+                ca.issue(n, &BTreeMap::new(), Duration::from_secs(3600), NOW)
+                    .unwrap(),
+            )
+        };
+        let a_addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b_addr: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let (ta, tb) = (SessionTable::new(), SessionTable::new());
+        let (init, m1) = Initiator::start(LinkKind::Gossip, issue("a"), 11, Some(a_addr)).unwrap();
+        let mut resp = Responder::new(LinkKind::Gossip, issue("b"), 22).unwrap();
+        let m2 = resp.on_msg1(&m1).unwrap();
+        let (m3, pending) = init.on_msg2(&m2, NOW).unwrap();
+        let (info_a, keys_a) = pending.into_datagram().unwrap();
+        let now = Instant::now();
+        ta.install_receiving(&info_a, b_addr, keys_a, now);
+        assert_eq!(
+            ta.seal(b_addr, b"x", now, NOW).unwrap_err(),
+            SealError::NoSession
+        );
+        let est = resp.on_msg3(&m3, NOW).unwrap();
+        let info_b = est.info.clone();
+        let keys_b = est.into_stateless().unwrap();
+        let confirm = datagram_confirmation(&keys_b).unwrap();
+        tb.install(&info_b, a_addr, keys_b, now);
+        // The responder sends at once; the initiator already receives on the session.
+        let early = tb.seal(a_addr, b"early", now, NOW).unwrap();
+        assert_eq!(ta.open(&early.bytes, now, NOW).unwrap().plaintext, b"early");
+        assert!(!ta.confirm(11, b"not the confirmation at all"));
+        assert!(ta.confirm(11, &confirm));
+        let s = ta.seal(b_addr, b"now", now, NOW).unwrap();
+        assert_eq!(tb.open(&s.bytes, now, NOW).unwrap().plaintext, b"now");
     }
 
     #[test]
