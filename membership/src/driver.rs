@@ -354,6 +354,9 @@ pub fn spawn<T: Transport>(core: MembershipCore, transport: Arc<T>) -> Membershi
                     }
                 }
                 Some(r) = data_rx.recv() => {
+                    if crate::sync::filter::blocked(&r.node_id) {
+                        continue;
+                    }
                     if let Some(meta) = r.meta {
                         owner.core.learn_peer(r.node_id, meta);
                     }

@@ -31,7 +31,7 @@ use shoal_membership::sync::{DeltaBroadcasts, DeltaSink};
 use tokio::sync::mpsc;
 
 /// How often a node runs anti-entropy with a random peer.
-const ANTI_ENTROPY_EVERY: Duration = Duration::from_secs(2);
+const ANTI_ENTROPY_EVERY: Duration = Duration::from_secs(1);
 /// Deadline for one control-stream exchange.
 const STREAM_DEADLINE: Duration = Duration::from_secs(5);
 /// Events kept for `/v1/events`.
@@ -304,6 +304,20 @@ impl Cluster {
         v
     }
 
+    /// Every member this node knows of (down ones too), by node id: anti-entropy also tries
+    /// members SWIM thinks are down, so state converges as soon as a partition heals.
+    fn known_addrs(&self) -> BTreeMap<NodeId, SocketAddr> {
+        let mut out = BTreeMap::new();
+        if let Some(m) = self.membership() {
+            for mv in m.members() {
+                if mv.identity.node_id != self.node_id {
+                    out.insert(mv.identity.node_id, mv.identity.addr);
+                }
+            }
+        }
+        out
+    }
+
     fn alive_addrs(&self) -> BTreeMap<NodeId, SocketAddr> {
         let mut out = BTreeMap::new();
         if let Some(m) = self.membership() {
@@ -339,6 +353,7 @@ impl Cluster {
     async fn accept_loop(self: Arc<Self>, listener: NoiseListener) {
         loop {
             match listener.accept().await {
+                Ok((_, peer, _)) if shoal_membership::sync::filter::blocked(&peer.node_id) => {}
                 Ok((stream, _peer, Plane::Control)) => {
                     let me = self.clone();
                     tokio::spawn(async move {
@@ -391,6 +406,13 @@ impl Cluster {
         }
         for r in &applied {
             self.after_remote_apply(r, wall);
+        }
+        // A few records learned by anti-entropy (e.g. after a partition healed) are passed on
+        // by gossip too, so the rest of this side learns them within a gossip round or two.
+        if applied.len() <= 64 {
+            for r in &applied {
+                self.disseminate(r);
+            }
         }
     }
 
@@ -568,7 +590,7 @@ impl Cluster {
                         fresh
                     } else if Instant::now() >= next_random {
                         next_random = Instant::now() + ANTI_ENTROPY_EVERY;
-                        let peers: Vec<NodeId> = alive.keys().filter(|id| **id != self.node_id).copied().collect();
+                        let peers: Vec<NodeId> = self.known_addrs().keys().copied().collect();
                         salt = salt.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                         (!peers.is_empty()).then(|| peers[(salt >> 33) as usize % peers.len()])
                     } else {
@@ -577,9 +599,12 @@ impl Cluster {
                 }
             };
             let Some(id) = target else { continue };
-            let Some(addr) = self.alive_addrs().get(&id).copied() else {
+            let Some(addr) = self.known_addrs().get(&id).copied() else {
                 continue;
             };
+            if shoal_membership::sync::filter::blocked(&id) {
+                continue;
+            }
             if id == self.node_id {
                 continue;
             }
@@ -618,8 +643,28 @@ impl Cluster {
             tick.tick().await;
             let roster = self.roster();
             let alive = self.alive_addrs();
-            let lowest_alive = roster.iter().find(|id| alive.contains_key(*id)).copied();
-            let should_try = lowest_alive == Some(self.node_id);
+            // The candidate: the lowest alive voter, skipping a holder whose lease record has
+            // not been renewed for a lease duration (crashed or cut off, even if SWIM has not
+            // said so yet); nobody but the holder tries while a fresh lease is seen.
+            let (fresh_other, stale_holder) = {
+                let l = lock(&self.lease);
+                match l.seen {
+                    Some((info, _, at)) if info.holder != self.node_id => {
+                        let fresh = at.elapsed() < self.lease_cfg.duration;
+                        (
+                            fresh.then_some(info.holder),
+                            (!fresh).then_some(info.holder),
+                        )
+                    }
+                    _ => (None, None),
+                }
+            };
+            let lowest_alive = roster
+                .iter()
+                .find(|id| alive.contains_key(*id) && Some(**id) != stale_holder)
+                .copied();
+            let should_try = lowest_alive == Some(self.node_id)
+                && fresh_other.is_none_or(|h| !alive.contains_key(&h));
             let now = self.now();
             let (req, lost) = {
                 let mut l = lock(&self.lease);

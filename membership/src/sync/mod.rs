@@ -1,6 +1,7 @@
 //! How the cluster state travels: small deltas as foca custom broadcasts ([`gossip`]), and
 //! anti-entropy and lease messages over Noise control streams ([`protocol`]).
 
+pub mod filter;
 pub mod gossip;
 pub mod protocol;
 
