@@ -311,6 +311,35 @@ fn five_agents_seeded_with_the_first_list_five_alive_then_a_killed_one_goes_down
     });
     assert!(ok, "a3 not named in {view:?} ({a3:?})");
 
+    // /v1/self and the CLI.
+    let (status, me) = http_get(agents[0].api, "/v1/self").unwrap();
+    let me: Value = serde_json::from_str(&me).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        (me["name"].as_str(), me["self"].as_bool()),
+        (Some("a1"), Some(true))
+    );
+    let out = Command::new(shoal_bin())
+        .args(["nodes", "--json"])
+        .env("SHOAL_ADDR", agents[0].api.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.len(), 5);
+    let out = Command::new(shoal_bin())
+        .args(["nodes", "--addr", &agents[1].api.to_string()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(table.lines().count(), 6, "{table}");
+    assert!(table.lines().next().unwrap().starts_with("NAME"));
+    assert_eq!(table.matches(" alive ").count(), 5, "{table}");
+
     // kill -9 the fourth: everyone else reports it down.
     let victim = node_id_of(&certs[3]);
     agents[3].kill();
@@ -326,6 +355,10 @@ fn five_agents_seeded_with_the_first_list_five_alive_then_a_killed_one_goes_down
         "views of the victim: {:?}",
         [0, 1, 2, 4].map(|i| state_of(&agents[i], &victim))
     );
+    assert_eq!(metric(&agents[0], "shoal_members{state=\"down\"}"), 1);
+    assert_eq!(metric(&agents[0], "shoal_members{state=\"alive\"}"), 4);
+    assert!(metric(&agents[0], "shoal_swim_probes_sent_total") > 0);
+    assert!(metric(&agents[0], "shoal_swim_suspicions_raised_total") >= 1);
 
     // Restart it with the same certificate: alive everywhere again, still five rows.
     agents[3] = c.agent("a4", &certs[3], 41_104, 41_204, vec![seed]);
@@ -641,4 +674,57 @@ fn kill_to_down_p50_with_the_default_and_the_fast_preset() {
             t
         );
     }
+}
+
+#[test]
+fn agent_dev_runs_a_one_node_cluster_with_a_throw_away_ca_and_an_admin_token() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dev");
+    let log = dir.path().join("dev.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new(shoal_bin())
+        .args(["agent", "--dev", "--name", "devbox"])
+        .args(["--bind", &addr(41_901).to_string()])
+        .args(["--api", &addr(41_902).to_string()])
+        .args(["--data-dir", &data.display().to_string()])
+        .args(["--seeds", &addr(41_999).to_string()]) // ignored with --dev
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let mut a = Agent {
+        child: Some(child),
+        api: addr(41_902),
+        gossip: addr(41_901),
+        log,
+    };
+    wait_live(&a);
+    let v = nodes(&a);
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(
+        (v[0]["name"].as_str(), v[0]["state"].as_str()),
+        (Some("devbox"), Some("alive"))
+    );
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let ca_bytes = std::fs::read(data.join("ca").join(cert::files::CA_CERT)).unwrap();
+    let ca = cert::CaCertificate::decode(&ca_bytes).unwrap();
+    cert::verify_admin_token(&ca, token.trim(), cert::unix_now()).unwrap();
+    // A second start reuses the same CA and certificate (same node id).
+    let id = v[0]["node_id"].clone();
+    a.terminate();
+    let child = Command::new(shoal_bin())
+        .args(["agent", "--dev"])
+        .args(["--bind", &addr(41_901).to_string()])
+        .args(["--api", &addr(41_902).to_string()])
+        .args(["--data-dir", &data.display().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    a.child = Some(child);
+    wait_live(&a);
+    assert_eq!(nodes(&a)[0]["node_id"], id);
 }
