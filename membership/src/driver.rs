@@ -417,6 +417,54 @@ mod tests {
             .count()
     }
 
+    #[test]
+    fn due_timers_come_out_in_deadline_order_and_in_foca_order_when_simultaneous() {
+        use foca::Timer;
+        let q = TimerQueue::default();
+        let t0 = Instant::now();
+        let probe = TimerEvent::Swim(Timer::ProbeRandomMember(0));
+        let indirect = TimerEvent::Swim(Timer::SendIndirectProbe {
+            probed_id: NodeIdentity::new([1; 16], addr(1), 1),
+            token: 0,
+        });
+        let seed = TimerEvent::SeedAnnounce { generation: 1 };
+        q.push(t0 + Duration::from_millis(30), seed.clone());
+        q.push(t0 + Duration::from_millis(10), probe.clone());
+        q.push(t0 + Duration::from_millis(10), indirect.clone());
+        q.push(t0 + Duration::from_secs(60), probe.clone());
+        assert!(q.pop_due(t0).is_empty());
+        assert_eq!(
+            q.pop_due(t0 + Duration::from_millis(40)),
+            vec![indirect, probe.clone(), seed]
+        );
+        assert_eq!(q.next_deadline(), Some(t0 + Duration::from_secs(60)));
+        assert_eq!(q.pop_due(t0 + Duration::from_secs(61)), vec![probe]);
+    }
+
+    #[tokio::test]
+    async fn the_timer_task_delivers_every_timer_even_when_its_output_is_full() {
+        let q = Arc::new(TimerQueue::default());
+        let (tx, mut rx) = mpsc::channel(2);
+        let task = tokio::spawn(timer_task(q.clone(), tx));
+        let now = Instant::now();
+        for i in 0..100u64 {
+            q.push(
+                now + Duration::from_millis(i % 7),
+                TimerEvent::SeedAnnounce { generation: i },
+            );
+        }
+        let mut got = Vec::new();
+        while got.len() < 100 {
+            match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+                Ok(Some(TimerEvent::SeedAnnounce { generation })) => got.push(generation),
+                other => panic!("timer lost after {} delivered: {other:?}", got.len()),
+            }
+        }
+        got.sort();
+        assert_eq!(got, (0..100).collect::<Vec<_>>());
+        task.abort();
+    }
+
     #[tokio::test]
     async fn three_drivers_on_a_memory_network_see_each_other_and_a_leave() {
         let net = MemNetwork::new();
