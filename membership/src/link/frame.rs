@@ -49,6 +49,7 @@ pub struct StreamCodec {
     rx: Vec<u8>,
     rx_start: usize,
     scratch: Vec<u8>,
+    plain: Vec<u8>,
     partial: Option<(usize, Vec<u8>)>,
     broken: bool,
 }
@@ -73,6 +74,7 @@ impl StreamCodec {
             rx: Vec::new(),
             rx_start: 0,
             scratch: Vec::new(),
+            plain: Vec::new(),
             partial: None,
             broken: false,
         }
@@ -157,62 +159,80 @@ impl StreamCodec {
     }
 
     fn next_frame_inner(&mut self) -> Result<Option<Vec<u8>>, MembershipError> {
-        let bad = |reason: &str| MembershipError::Malformed {
-            what: "stream frame",
-            reason: reason.into(),
-        };
         loop {
             let Some(len) = message_len(&self.rx[self.rx_start..])? else {
                 return Ok(None);
             };
             let msg_at = self.rx_start + LEN_PREFIX;
-            let mut plain = vec![0u8; len];
+            // Decrypt into a reused buffer (no per-message allocation or zeroing).
+            let mut plain = std::mem::take(&mut self.plain);
+            if plain.len() < len {
+                plain.resize(len, 0);
+            }
             let n = self
                 .ts
-                .read_message(&self.rx[msg_at..msg_at + len], &mut plain)
-                .map_err(|_| bad("message does not authenticate"))?;
-            plain.truncate(n);
-            self.rx_start = msg_at + len;
-            if self.rx_start == self.rx.len() {
-                self.rx.clear();
-                self.rx_start = 0;
+                .read_message(&self.rx[msg_at..msg_at + len], &mut plain[..len]);
+            let result = self.take_chunk(&plain, n, msg_at + len);
+            self.plain = plain;
+            match result? {
+                Some(frame) => return Ok(Some(frame)),
+                None => continue,
             }
-            match self.partial.take() {
-                None => {
-                    if plain.len() < 4 {
-                        return Err(bad("first chunk without a length"));
-                    }
-                    let total =
-                        u32::from_be_bytes([plain[0], plain[1], plain[2], plain[3]]) as usize;
-                    if total > self.max_frame {
-                        return Err(MembershipError::FrameTooLarge {
-                            len: total,
-                            max: self.max_frame,
-                        });
-                    }
-                    plain.copy_within(4.., 0);
-                    plain.truncate(plain.len() - 4);
-                    let data = plain;
-                    if data.len() > total {
-                        return Err(bad("chunk longer than the frame"));
-                    }
-                    if data.len() == total {
-                        return Ok(Some(data));
-                    }
-                    let mut acc = Vec::with_capacity(total.min(4 * MAX_CHUNK));
-                    acc.extend_from_slice(&data);
-                    self.partial = Some((total, acc));
+        }
+    }
+
+    /// Consumes one decrypted message (`n` = the decryption result) ending at `consumed`.
+    fn take_chunk(
+        &mut self,
+        plain: &[u8],
+        n: Result<usize, snow::Error>,
+        consumed: usize,
+    ) -> Result<Option<Vec<u8>>, MembershipError> {
+        let bad = |reason: &str| MembershipError::Malformed {
+            what: "stream frame",
+            reason: reason.into(),
+        };
+        let n = n.map_err(|_| bad("message does not authenticate"))?;
+        let plain = &plain[..n];
+        self.rx_start = consumed;
+        if self.rx_start == self.rx.len() {
+            self.rx.clear();
+            self.rx_start = 0;
+        }
+        match self.partial.take() {
+            None => {
+                if plain.len() < 4 {
+                    return Err(bad("first chunk without a length"));
                 }
-                Some((total, mut acc)) => {
-                    if plain.is_empty() || acc.len() + plain.len() > total {
-                        return Err(bad("chunk does not fit the frame"));
-                    }
-                    acc.extend_from_slice(&plain);
-                    if acc.len() == total {
-                        return Ok(Some(acc));
-                    }
-                    self.partial = Some((total, acc));
+                let total = u32::from_be_bytes([plain[0], plain[1], plain[2], plain[3]]) as usize;
+                if total > self.max_frame {
+                    return Err(MembershipError::FrameTooLarge {
+                        len: total,
+                        max: self.max_frame,
+                    });
                 }
+                let data = &plain[4..];
+                if data.len() > total {
+                    return Err(bad("chunk longer than the frame"));
+                }
+                if data.len() == total {
+                    return Ok(Some(data.to_vec()));
+                }
+                let mut acc = Vec::with_capacity(total.min(4 * MAX_CHUNK));
+                acc.extend_from_slice(data);
+                self.partial = Some((total, acc));
+                Ok(None)
+            }
+            Some((total, mut acc)) => {
+                if plain.is_empty() || acc.len() + plain.len() > total {
+                    return Err(bad("chunk does not fit the frame"));
+                }
+                acc.extend_from_slice(plain);
+                if acc.len() == total {
+                    return Ok(Some(acc));
+                }
+                self.partial = Some((total, acc));
+                Ok(None)
             }
         }
     }
