@@ -12,10 +12,13 @@
 //!                                                Health ──probes──▶ instances
 //! ```
 
+pub mod balancer;
 pub mod health;
 pub mod healthcheck;
+pub mod pick;
 pub mod placement;
 pub mod port;
+pub mod proxy;
 pub mod reconcile;
 pub mod restart;
 pub mod scheduler;
