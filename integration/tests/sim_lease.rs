@@ -33,7 +33,7 @@ fn hundreds_of_chaotic_runs_never_show_two_unexpired_leases_at_once() {
 }
 
 #[test]
-#[ignore = "large sweep: cargo test --release -p shoal-integration --test sim_lease -- --ignored"]
+#[ignore = "large sweep (~1 min): cargo test -p shoal-integration --test sim_lease -- --ignored"]
 fn ten_thousand_chaotic_runs_never_show_two_unexpired_leases_at_once() {
     let (bad, epochs, events) = sweep(1_000_000..1_010_000, LeaseSimConfig::chaos);
     eprintln!("10000 runs: {epochs} lease epochs, {events} events");
