@@ -7,9 +7,9 @@ mod agent;
 mod api;
 mod api_services;
 mod cluster;
+mod cmd_ca;
 mod cmd_nodes;
 mod cmd_services;
-mod cmd_ca;
 mod cmd_validate;
 mod metrics;
 
