@@ -548,3 +548,47 @@ async fn sessions_are_rekeyed_in_the_background_without_losing_datagrams() {
     );
     assert_eq!(a.m().send_dropped_no_session, 0);
 }
+
+#[tokio::test]
+async fn junk_on_the_handshake_port_is_refused_and_counted_and_real_peers_still_get_in() {
+    let _g = SERIAL.lock().await;
+    let ca = CertificateAuthority::generate(unix_now()).unwrap();
+    let g = Node::start(good(&ca, "good")).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A wrong preamble.
+    let mut t = TcpStream::connect(g.addr()).await.unwrap();
+    t.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    // A right preamble, a random "ephemeral key", then a garbage msg3.
+    let mut t2 = TcpStream::connect(g.addr()).await.unwrap();
+    let mut hello = b"SHL1\x01\x00\x20".to_vec();
+    hello.extend_from_slice(&[0x42; 32]);
+    t2.write_all(&hello).await.unwrap();
+    let mut len = [0u8; 2];
+    t2.read_exact(&mut len).await.unwrap();
+    let mut msg2 = vec![0u8; u16::from_be_bytes(len) as usize];
+    t2.read_exact(&mut msg2).await.unwrap();
+    let mut junk = 200u16.to_be_bytes().to_vec();
+    junk.extend_from_slice(&[0x17; 200]);
+    t2.write_all(&junk).await.unwrap();
+    // An announced length of zero.
+    let mut t3 = TcpStream::connect(g.addr()).await.unwrap();
+    t3.write_all(b"SHL1\x00\x00\x00").await.unwrap();
+    wait_until("three malformed handshakes", || {
+        g.m().handshakes_rejected_malformed == 3
+    })
+    .await;
+    let (_s, peer) = NoiseStream::connect(
+        g.addr(),
+        Plane::Management,
+        Arc::new(good(&ca, "x")),
+        Arc::new(LinkMetrics::default()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(peer.name, "good");
+    let (_, peer, plane) = tokio::time::timeout(DEADLINE, g.listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((peer.name.as_str(), plane), ("x", Plane::Management));
+}
