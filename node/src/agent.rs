@@ -229,6 +229,10 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(cfg: NodeConfig, creds: Arc<NodeCredentials>) -> anyhow::Result<()> {
+    // Bind the API first: a node that cannot serve its API must not join the cluster.
+    let api_listener = std::net::TcpListener::bind(cfg.api)
+        .with_context(|| format!("binding the HTTP API on {}", cfg.api))?;
+    api_listener.set_nonblocking(true)?;
     let link_metrics = Arc::new(LinkMetrics::default());
     let advertise = cfg.advertise_addr();
     let opts = LinkOptions {
@@ -294,8 +298,8 @@ async fn serve(cfg: NodeConfig, creds: Arc<NodeCredentials>) -> anyhow::Result<(
         links: link_metrics,
         cluster,
     };
-    let server = api::server(cfg.api, state)
-        .with_context(|| format!("binding the HTTP API on {}", cfg.api))?;
+    let server = api::server(api_listener, state)
+        .with_context(|| format!("starting the HTTP API on {}", cfg.api))?;
     let server_handle = server.handle();
     let server_task = tokio::spawn(server);
 

@@ -93,8 +93,9 @@ async fn not_found() -> HttpResponse {
     HttpResponse::NotFound().json(serde_json::json!({ "error": "no such endpoint" }))
 }
 
-/// Binds the API; the returned server runs when awaited (or spawned).
-pub(crate) fn server(addr: SocketAddr, state: ApiState) -> std::io::Result<Server> {
+/// Serves the API on an already bound listener; the returned server runs when awaited (or
+/// spawned).
+pub(crate) fn server(listener: std::net::TcpListener, state: ApiState) -> std::io::Result<Server> {
     let data = web::Data::new(state);
     let server = HttpServer::new(move || {
         App::new()
@@ -109,7 +110,7 @@ pub(crate) fn server(addr: SocketAddr, state: ApiState) -> std::io::Result<Serve
     .workers(1)
     .disable_signals()
     .shutdown_timeout(2)
-    .bind(addr)?
+    .listen(listener)?
     .run();
     Ok(server)
 }
