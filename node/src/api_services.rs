@@ -40,11 +40,11 @@ fn service_json(c: &Cluster, e: &ServiceEntry, stamp_ms: u64, writer: &[u8; 16])
     }
 }
 
-fn error(status: actix_web::http::StatusCode, msg: impl Into<String>) -> HttpResponse {
+pub(crate) fn error(status: actix_web::http::StatusCode, msg: impl Into<String>) -> HttpResponse {
     HttpResponse::build(status).json(serde_json::json!({ "error": msg.into() }))
 }
 
-fn authorize(req: &HttpRequest, c: &Cluster) -> Result<(), Box<HttpResponse>> {
+pub(crate) fn authorize(req: &HttpRequest, c: &Cluster) -> Result<(), Box<HttpResponse>> {
     let header = req
         .headers()
         .get("authorization")
@@ -308,6 +308,16 @@ pub(crate) fn render_metrics(c: &Cluster) -> String {
             "shoal_lease_acquisitions",
             "Lease rounds that reached a quorum",
             &m.lease_grants,
+        ),
+        (
+            "shoal_state_placements_pushed",
+            "Placements the leader pushed straight to their nodes",
+            &m.placements_pushed,
+        ),
+        (
+            "shoal_state_push_failures",
+            "Placement pushes dropped or failed (gossip still carries them)",
+            &m.push_failures,
         ),
         (
             "shoal_state_flush_failures",

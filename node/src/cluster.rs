@@ -63,6 +63,8 @@ pub(crate) struct StateMetrics {
     pub(crate) lease_requests: AtomicU64,
     pub(crate) lease_grants: AtomicU64,
     pub(crate) flush_failures: AtomicU64,
+    pub(crate) placements_pushed: AtomicU64,
+    pub(crate) push_failures: AtomicU64,
 }
 
 struct LeaseShell {
@@ -102,6 +104,8 @@ pub(crate) struct Cluster {
     pub(crate) lease_cfg: LeaseConfig,
     sync_tx: mpsc::Sender<NodeId>,
     sync_rx: Mutex<Option<mpsc::Receiver<NodeId>>>,
+    push_tx: mpsc::Sender<(NodeId, Record)>,
+    push_rx: Mutex<Option<mpsc::Receiver<(NodeId, Record)>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -158,6 +162,7 @@ impl Cluster {
             seen: None,
         };
         let (sync_tx, sync_rx) = mpsc::channel(64);
+        let (push_tx, push_rx) = mpsc::channel(8192);
         tracing::info!(
             services = durable.store.services().count(),
             records = durable.store.len(),
@@ -177,6 +182,8 @@ impl Cluster {
             lease_cfg,
             sync_tx,
             sync_rx: Mutex::new(Some(sync_rx)),
+            push_tx,
+            push_rx: Mutex::new(Some(push_rx)),
         }))
     }
 
@@ -230,8 +237,18 @@ impl Cluster {
         f(&mut lock(&self.state))
     }
 
-    /// Disseminates a record this node wrote.
+    /// Disseminates a record this node wrote. A placement written while this node leads is
+    /// also pushed straight to the node it names (batched, over a control stream), so the
+    /// worker does not wait for gossip.
     pub(crate) fn disseminate(&self, record: &Record) {
+        if let (RecordKey::Placement { .. }, Value::Placement(target)) =
+            (&record.key, &record.value)
+            && *target != self.node_id
+            && lock(&self.lease).cand.leading(self.now()).is_some()
+            && self.push_tx.try_send((*target, record.clone())).is_err()
+        {
+            self.metrics.push_failures.fetch_add(1, Ordering::Relaxed);
+        }
         let Some(m) = self.membership() else { return };
         match Delta::for_record(record, self.node_id) {
             Ok(bytes) => {
@@ -348,6 +365,8 @@ impl Cluster {
         tokio::spawn(async move { me.lease_loop().await });
         let me = self.clone();
         tokio::spawn(async move { me.housekeeping_loop().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.push_loop().await });
     }
 
     async fn accept_loop(self: Arc<Self>, listener: NoiseListener) {
@@ -611,6 +630,46 @@ impl Cluster {
             if let Err(e) = self.sync_with(addr).await {
                 self.metrics.sync_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(peer = %addr, error = %e, "anti-entropy failed");
+            }
+        }
+    }
+
+    /// Sends queued placements to the nodes they name, one stream per node per batch.
+    async fn push_loop(self: Arc<Self>) {
+        let Some(mut rx) = lock(&self.push_rx).take() else {
+            return;
+        };
+        while let Some(first) = rx.recv().await {
+            // Let a scheduling pass finish queueing, then take everything queued.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let mut batch: BTreeMap<NodeId, Vec<Record>> = BTreeMap::new();
+            batch.entry(first.0).or_default().push(first.1);
+            while let Ok((node, r)) = rx.try_recv() {
+                batch.entry(node).or_default().push(r);
+            }
+            for (node, records) in batch {
+                let Some(addr) = self.known_addrs().get(&node).copied() else {
+                    continue;
+                };
+                let n = records.len() as u64;
+                let r = async {
+                    let mut s = self.connect(addr).await?;
+                    for f in frames(records, false) {
+                        self.send(&mut s, &f).await?;
+                    }
+                    anyhow::Ok(())
+                };
+                match r.await {
+                    Ok(()) => {
+                        self.metrics
+                            .placements_pushed
+                            .fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        self.metrics.push_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(peer = %addr, error = %e, "placement push failed");
+                    }
+                }
             }
         }
     }
