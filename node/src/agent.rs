@@ -288,6 +288,12 @@ async fn serve(cfg: NodeConfig, creds: Arc<NodeCredentials>) -> anyhow::Result<(
     );
     let membership = driver::spawn(core, transport);
     cluster.start(membership.clone(), streams, labels);
+    let port = Arc::new(crate::orchestrator::Port::new(
+        cluster.clone(),
+        membership.clone(),
+        &cfg,
+    ));
+    let orchestrator = crate::orchestrator::start(&cfg, port)?;
     tracing::info!(
         node_id = %cert::hex(&creds.cert.node_id), gossip = %advertise, api = %cfg.api,
         seeds = ?seeds, "shoal agent started"
@@ -310,6 +316,8 @@ async fn serve(cfg: NodeConfig, creds: Arc<NodeCredentials>) -> anyhow::Result<(
     tokio::time::sleep(Duration::from_millis(200)).await;
     server_handle.stop(true).await;
     let _ = server_task.await;
+    // The actors stop; instances keep running and are adopted by the next agent.
+    orchestrator.stop();
     tracing::info!("stopped");
     Ok(())
 }

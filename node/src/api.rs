@@ -105,6 +105,7 @@ pub(crate) fn server(listener: std::net::TcpListener, state: ApiState) -> std::i
             .route("/health/live", web::get().to(live))
             .route("/metrics", web::get().to(metrics))
             .configure(crate::api_services::routes)
+            .configure(crate::api_instances::routes)
             .default_service(web::to(not_found))
     })
     .workers(1)

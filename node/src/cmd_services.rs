@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 pub(crate) struct Conn {
     /// The agent's API address.
     #[arg(long, env = "SHOAL_ADDR", default_value = "127.0.0.1:7070")]
-    addr: String,
+    pub(crate) addr: String,
     /// File holding the admin token (e.g. DATA_DIR/admin.token or CA_DIR/admin.token).
     #[arg(long, env = "SHOAL_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -24,7 +24,7 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    fn token(&self) -> anyhow::Result<String> {
+    pub(crate) fn token(&self) -> anyhow::Result<String> {
         if let Some(t) = &self.token {
             return Ok(t.trim().to_string());
         }
@@ -122,7 +122,7 @@ pub(crate) fn http(
     crate::cmd_nodes::parse_response(&raw)
 }
 
-fn fail(status: u16, body: &str) -> anyhow::Result<ExitCode> {
+pub(crate) fn fail(status: u16, body: &str) -> anyhow::Result<ExitCode> {
     match serde_json::from_str::<serde_json::Value>(body) {
         Ok(v) => {
             if let Some(errs) = v.get("errors").and_then(|e| e.as_array()) {

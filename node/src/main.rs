@@ -5,13 +5,16 @@
 
 mod agent;
 mod api;
+mod api_instances;
 mod api_services;
 mod cluster;
 mod cmd_ca;
 mod cmd_nodes;
+mod cmd_ps;
 mod cmd_services;
 mod cmd_validate;
 mod metrics;
+mod orchestrator;
 
 use std::process::ExitCode;
 
@@ -45,6 +48,10 @@ enum Command {
     Rm(cmd_services::RmArgs),
     /// Show which node leads (holds the majority lease), or why none does.
     Leader(cmd_services::LeaderArgs),
+    /// List instances: service, slot, node, state, readiness, restarts, version, address.
+    Ps(cmd_ps::PsArgs),
+    /// Change a service's replica count.
+    Scale(cmd_ps::ScaleArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +66,8 @@ fn main() -> ExitCode {
         Command::Services(args) => cmd_services::services(args),
         Command::Rm(args) => cmd_services::rm(args),
         Command::Leader(args) => cmd_services::leader(args),
+        Command::Ps(args) => cmd_ps::ps(args),
+        Command::Scale(args) => cmd_ps::scale(args),
     };
     match result {
         Ok(code) => code,

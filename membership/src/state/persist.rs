@@ -15,7 +15,7 @@ use shoal_config::ServiceSpec;
 
 use super::codec;
 use super::hlc::{DEFAULT_MAX_SKEW_MS, HlcClock, HlcTimestamp};
-use super::record::{NodeId, Record, RecordKey, Value};
+use super::record::{NodeId, Record, RecordKey, ServiceEntry, Value};
 use super::store::{MergeOutcome, StateStore};
 use crate::MembershipError;
 
@@ -236,14 +236,17 @@ impl DurableState {
         spec: ServiceSpec,
         wall_ms: u64,
     ) -> Result<Record, MembershipError> {
-        let version = self
-            .store
-            .service(&spec.name)
-            .map(|s| s.version)
-            .unwrap_or(0)
-            + 1;
+        let prev = self.store.service(&spec.name);
+        let version = prev.map(|s| s.version).unwrap_or(0) + 1;
+        let template = match prev {
+            Some(p) if ServiceEntry::same_template(&p.spec, &spec) => p.template,
+            _ => version,
+        };
         let hlc = self.write_stamp(&RecordKey::Service(spec.name.clone()), wall_ms);
-        let record = Record::service(spec, version, hlc, self.node_id);
+        let mut record = Record::service(spec, version, hlc, self.node_id);
+        if let Value::Service(entry) = &mut record.value {
+            entry.template = template;
+        }
         self.store.merge(record.clone());
         self.flush()?;
         Ok(record)

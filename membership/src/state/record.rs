@@ -170,6 +170,23 @@ pub struct ServiceEntry {
     pub spec: ServiceSpec,
     /// 1 for a new service, +1 for every update seen by the writer.
     pub version: u64,
+    /// The version at which the instance template (everything but `replicas` and `autoscale`)
+    /// last changed: instances run this version, so scaling restarts nothing.
+    pub template: u64,
+}
+
+impl ServiceEntry {
+    /// Whether two specs describe the same instances (they differ at most in `replicas` and
+    /// `autoscale`).
+    pub fn same_template(a: &ServiceSpec, b: &ServiceSpec) -> bool {
+        let strip = |s: &ServiceSpec| {
+            let mut s = s.clone();
+            s.replicas = 0;
+            s.autoscale = None;
+            s
+        };
+        strip(a) == strip(b)
+    }
 }
 
 /// The status of one instance, as reported by the node running it.
@@ -255,7 +272,11 @@ impl Record {
             key: RecordKey::Service(spec.name.clone()),
             stamp: Stamp::service(hlc, writer),
             written_ms: hlc.wall_ms(),
-            value: Value::Service(Box::new(ServiceEntry { spec, version })),
+            value: Value::Service(Box::new(ServiceEntry {
+                spec,
+                version,
+                template: version,
+            })),
         }
     }
 
