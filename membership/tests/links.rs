@@ -592,3 +592,32 @@ async fn junk_on_the_handshake_port_is_refused_and_counted_and_real_peers_still_
         .unwrap();
     assert_eq!((peer.name.as_str(), plane), ("x", Plane::Management));
 }
+
+#[tokio::test]
+async fn a_stream_to_a_node_that_accepts_no_streams_fails_to_connect() {
+    let _g = SERIAL.lock().await;
+    let ca = CertificateAuthority::generate(unix_now()).unwrap();
+    let metrics = Arc::new(LinkMetrics::default());
+    // Gossip only: the stream half is dropped at once.
+    let udp = NoiseUdp::bind(
+        localhost(),
+        Arc::new(good(&ca, "gossip-only")),
+        metrics.clone(),
+    )
+    .await
+    .unwrap();
+    let err = NoiseStream::connect(
+        udp.local_addr(),
+        Plane::Control,
+        Arc::new(good(&ca, "x")),
+        Arc::new(LinkMetrics::default()),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, MembershipError::Handshake { .. }), "{err}");
+    wait_until("the refusal is counted", || {
+        metrics.snapshot().handshakes_rejected_busy == 1
+    })
+    .await;
+    assert_eq!(metrics.snapshot().handshakes_completed, 0);
+}

@@ -41,7 +41,8 @@ pub struct LinkMetrics {
     pub handshakes_rejected_malformed: AtomicU64,
     /// The handshake missed its deadline.
     pub handshakes_rejected_timeout: AtomicU64,
-    /// Too many handshakes were pending; the connection was closed at once.
+    /// Too many handshakes were pending (the connection was closed at once), or no room was
+    /// left in the stream accept queue (the stream was refused before its confirmation).
     pub handshakes_rejected_busy: AtomicU64,
     /// The peer closed the connection or was unreachable before the handshake completed
     /// (this is what a responder sees when the initiator refused the responder's certificate).

@@ -116,6 +116,8 @@ enum Failure {
     Handshake(HandshakeError),
     Io(String),
     Timeout,
+    /// Too many pending handshakes, or no room in the accept queue.
+    Busy,
 }
 
 impl Failure {
@@ -127,6 +129,7 @@ impl Failure {
             }
             Failure::Io(_) => inc(&m.handshakes_failed_io),
             Failure::Timeout => inc(&m.handshakes_rejected_timeout),
+            Failure::Busy => inc(&m.handshakes_rejected_busy),
         }
     }
 
@@ -142,6 +145,10 @@ impl Failure {
             Failure::Timeout => MembershipError::Handshake {
                 peer: peer.to_string(),
                 reason: "deadline passed".into(),
+            },
+            Failure::Busy => MembershipError::Handshake {
+                peer: peer.to_string(),
+                reason: "too busy to accept the stream".into(),
             },
         }
     }
@@ -324,31 +331,26 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         tokio::spawn(async move {
             let _permit = permit;
             let deadline = shared.opts.handshake_timeout;
-            let result = match tokio::time::timeout(deadline, respond(tcp, &shared)).await {
+            // The connection outlives `respond` when it fails, so a refusal is counted before
+            // the peer sees the connection close.
+            let mut conn = Some(tcp);
+            let result = match tokio::time::timeout(deadline, respond(&mut conn, &shared)).await {
                 Ok(r) => r,
                 Err(_) => Err(Failure::Timeout),
             };
-            match result {
-                Ok(Some((stream, peer, plane))) => {
-                    if shared.streams.try_send((stream, peer, plane)).is_err() {
-                        tracing::debug!(
-                            "stream from {from} dropped: nobody accepts {plane:?} streams"
-                        );
-                    }
-                }
-                Ok(None) => {}
-                Err(f) => {
-                    f.count(&shared.metrics);
-                    tracing::debug!("handshake from {from} failed: {}", f.into_error(from));
-                }
+            if let Err(f) = result {
+                f.count(&shared.metrics);
+                tracing::debug!("handshake from {from} failed: {}", f.into_error(from));
             }
+            drop(conn);
         });
     }
 }
 
-type Accepted = Option<(NoiseStream, Arc<Certificate>, Plane)>;
-
-async fn respond(mut tcp: TcpStream, shared: &Arc<Shared>) -> Result<Accepted, Failure> {
+async fn respond(conn: &mut Option<TcpStream>, shared: &Arc<Shared>) -> Result<(), Failure> {
+    let Some(tcp) = conn.as_mut() else {
+        return Err(Failure::Io("connection already taken".into()));
+    };
     tcp.set_nodelay(true)?;
     let remote = tcp.peer_addr()?;
     let mut pre = [0u8; PREAMBLE_LEN];
@@ -364,10 +366,10 @@ async fn respond(mut tcp: TcpStream, shared: &Arc<Shared>) -> Result<Accepted, F
         _ => 0,
     };
     let mut resp = Responder::new(kind, shared.creds.clone(), local_index)?;
-    let msg1 = read_msg(&mut tcp, MSG1_LEN, MSG1_LEN).await?;
+    let msg1 = read_msg(tcp, MSG1_LEN, MSG1_LEN).await?;
     let msg2 = resp.on_msg1(&msg1)?;
-    write_msg(&mut tcp, &[], &msg2).await?;
-    let msg3 = read_msg(&mut tcp, 32, MAX_NOISE_MSG).await?;
+    write_msg(tcp, &[], &msg2).await?;
+    let msg3 = read_msg(tcp, 32, MAX_NOISE_MSG).await?;
     let est = resp.on_msg3(&msg3, unix_now())?;
     let info = est.info.clone();
     match (kind, &shared.udp) {
@@ -385,16 +387,24 @@ async fn respond(mut tcp: TcpStream, shared: &Arc<Shared>) -> Result<Accepted, F
             let keys = est.into_stateless()?;
             let confirm = datagram_confirmation(&keys)?;
             udp.table.install(&info, peer_addr, keys, Instant::now());
-            write_msg(&mut tcp, &[], &confirm).await?;
+            write_msg(tcp, &[], &confirm).await?;
             inc(&shared.metrics.handshakes_completed);
             flush(shared, udp, peer_addr).await;
-            Ok(None)
+            Ok(())
         }
         (LinkKind::Stream(plane), _) => {
+            // Take a place in the accept queue before confirming, so that a dialer is never
+            // told "connected" for a stream nobody will accept.
+            let Ok(slot) = shared.streams.try_reserve() else {
+                return Err(Failure::Busy);
+            };
             let mut ts = est.into_transport()?;
             let confirm = stream_confirmation(&mut ts)?;
-            write_msg(&mut tcp, &[], &confirm).await?;
+            write_msg(tcp, &[], &confirm).await?;
             inc(&shared.metrics.handshakes_completed);
+            let Some(tcp) = conn.take() else {
+                return Err(Failure::Io("connection already taken".into()));
+            };
             let stream = NoiseStream::new(
                 tcp,
                 ts,
@@ -403,7 +413,8 @@ async fn respond(mut tcp: TcpStream, shared: &Arc<Shared>) -> Result<Accepted, F
                 shared.metrics.clone(),
                 shared.opts.max_frame,
             );
-            Ok(Some((stream, info.peer, plane)))
+            slot.send((stream, info.peer, plane));
+            Ok(())
         }
         (LinkKind::Gossip, None) => Err(Failure::Handshake(HandshakeError::Protocol(
             "no gossip socket".into(),
