@@ -592,3 +592,103 @@ fn killing_the_leader_elects_another_within_the_lease_plus_two_seconds() {
         "{times:?}"
     );
 }
+
+fn cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(shoal_bin());
+    cmd.args(args)
+        .env_remove("SHOAL_TOKEN")
+        .env_remove("SHOAL_TOKEN_FILE");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("running shoal");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_deploys_lists_removes_and_shows_the_leader_of_a_dev_agent() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("agent.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let api = addr(43_950);
+    let child = Command::new(shoal_bin())
+        .args(["agent", "--dev", "--runtime", "process"])
+        .args([
+            "--bind",
+            &addr(43_900).to_string(),
+            "--api",
+            &api.to_string(),
+        ])
+        .args(["--data-dir", &data.display().to_string()])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let agent = Agent {
+        child: Some(child),
+        api,
+        log,
+    };
+    let env = [("SHOAL_ADDR", "127.0.0.1:43950")];
+    assert!(wait_until(Duration::from_secs(60), || get_json(
+        &agent,
+        "/v1/services"
+    )
+    .is_some()));
+    let token = data.join("admin.token");
+    let token = token.display().to_string();
+    let spec = dir.path().join("web.toml");
+    std::fs::write(&spec, spec_toml("web", 3)).unwrap();
+    let spec = spec.display().to_string();
+
+    let (code, _, err) = cli(&["deploy", &spec], &env);
+    assert_ne!(code, 0, "no token, no deploy");
+    assert!(err.contains("token"), "{err}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"web\"\nreplicas = -1\n").unwrap();
+    let (code, _, err) = cli(
+        &["deploy", &bad.display().to_string(), "--token-file", &token],
+        &env,
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("bad.toml:"), "located errors: {err}");
+
+    let (code, out, err) = cli(&["deploy", &spec, "--token-file", &token], &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("deployed web version 1 (3 replicas)"), "{out}");
+    let (code, out, _) = cli(&["services"], &env);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("web ") && l.contains(" 3 ")),
+        "{out}"
+    );
+    let (code, out, _) = cli(&["services", "--json"], &env);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["name"], "web");
+    let ok = wait_until(Duration::from_secs(30), || {
+        cli(&["leader"], &env).1.starts_with("leader: ")
+    });
+    assert!(
+        ok,
+        "the one-node cluster never elected itself:\n{}",
+        agent.log_tail()
+    );
+    let tok = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let (code, out, err) = cli(&["rm", "web"], &[env[0], ("SHOAL_TOKEN", tok.trim())]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("removed web"));
+    let (_, out, _) = cli(&["services", "--json"], &env);
+    assert_eq!(out.trim(), "[]");
+    let (code, _, err) = cli(&["rm", "web", "--token-file", &token], &env);
+    assert_eq!(code, 1, "removing a missing service fails");
+    assert!(err.contains("no service named web"), "{err}");
+}

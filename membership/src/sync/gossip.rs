@@ -229,6 +229,16 @@ mod tests {
         assert!(!k("b", 3).invalidates(&k("a", 1)));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn random_bytes_never_panic_the_broadcast_handler(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let sink = Arc::new(Sink(Mutex::new(crate::state::StateStore::new())));
+            let mut h = DeltaBroadcasts::new(sink);
+            let _ = Delta::decode(&bytes);
+            proptest::prop_assert!(h.receive_item(&bytes, Some(&ident())).is_ok());
+        }
+    }
+
     #[test]
     fn a_record_too_big_for_a_datagram_travels_as_a_hint() {
         let mut s = spec("web", 1);
