@@ -72,10 +72,18 @@ const PURGE_EVERY: Duration = Duration::from_secs(10);
 
 fn random_u32() -> u32 {
     let mut b = [0u8; 4];
-    // SystemRandom only fails if the OS generator does; 0 is never a valid index and the
-    // allocator retries.
-    let _ = SystemRandom::new().fill(&mut b);
-    u32::from_be_bytes(b)
+    if SystemRandom::new().fill(&mut b).is_ok() {
+        return u32::from_be_bytes(b);
+    }
+    // The OS generator failed (it does not in practice): indexes need only be unique, not
+    // secret, so fall back to a counter mixed with the clock rather than loop forever.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        .wrapping_mul(2_654_435_761)
+        ^ nanos
 }
 
 #[derive(Default)]
