@@ -2,7 +2,7 @@
 //! scheduler actors read and write. The binary implements it over the replicated state store;
 //! [`MemoryCluster`] implements it in memory for tests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use shoal_config::ServiceSpec;
@@ -81,6 +81,9 @@ pub trait ClusterPort: Send + Sync + 'static {
     fn report(&self, report: InstanceReport);
     /// Drops this node's status of a slot it no longer runs.
     fn forget(&self, service: &str, slot: u32);
+    /// Drops this node's status of every slot not in `keep` (e.g. reports an earlier run of the
+    /// agent left behind).
+    fn retain_reports(&self, keep: &BTreeSet<(String, u32)>);
     /// Records a cluster event.
     fn event(&self, kind: &str, service: Option<&str>, message: String);
     /// `Some(epoch)` while this node holds the leader lease.
@@ -157,6 +160,9 @@ impl ClusterPort for MemoryCluster {
     }
     fn forget(&self, service: &str, slot: u32) {
         self.with(|s| s.reports.remove(&(service.to_string(), slot)));
+    }
+    fn retain_reports(&self, keep: &BTreeSet<(String, u32)>) {
+        self.with(|s| s.reports.retain(|k, _| keep.contains(k)));
     }
     fn event(&self, kind: &str, service: Option<&str>, message: String) {
         self.with(|s| {

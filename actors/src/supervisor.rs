@@ -54,6 +54,7 @@ pub struct Supervisor {
     clock: Instant,
     busy: bool,
     again: bool,
+    pruned: bool,
     tick: Duration,
 }
 
@@ -77,6 +78,7 @@ impl Supervisor {
             clock: Instant::now(),
             busy: false,
             again: false,
+            pruned: false,
             tick,
         }
     }
@@ -203,6 +205,11 @@ impl Supervisor {
             if !seen.contains_key(key) {
                 self.cluster.forget(&key.0, key.1);
             }
+        }
+        if !self.pruned {
+            // Reports an earlier run of this agent left for slots it no longer holds.
+            self.cluster.retain_reports(&seen.keys().cloned().collect());
+            self.pruned = true;
         }
         self.reported = seen;
         if let Some(health) = &self.health {

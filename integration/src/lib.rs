@@ -2,5 +2,6 @@
 //! one process, real agents on loopback, and workloads on the real Docker Engine. It is
 //! development-only and never shipped.
 
+pub mod agents;
 pub mod lease_sim;
 pub mod sim;

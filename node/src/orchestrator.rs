@@ -215,6 +215,25 @@ impl ClusterPort for Port {
         self.write(records);
     }
 
+    fn retain_reports(&self, keep: &std::collections::BTreeSet<(String, u32)>) {
+        let me = self.cluster.node_id;
+        let stale: Vec<RecordKey> = self.cluster.with_state(|s| {
+            s.store
+                .records()
+                .filter(|r| !r.is_tombstone())
+                .filter_map(|r| match &r.key {
+                    RecordKey::Instance { origin, instance } if *origin == me => {
+                        let (service, slot, _) = parse_instance_id(instance)?;
+                        (!keep.contains(&(service.to_string(), slot))).then(|| r.key.clone())
+                    }
+                    _ => None,
+                })
+                .collect()
+        });
+        let records = stale.into_iter().map(|k| self.tombstone(k)).collect();
+        self.write(records);
+    }
+
     fn event(&self, kind: &str, _service: Option<&str>, message: String) {
         self.cluster.event(kind, message);
     }
