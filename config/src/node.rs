@@ -169,7 +169,7 @@ pub struct NodeConfig {
     #[serde(default)]
     pub membership: MembershipConfig,
     /// How long the instances of a node declared down wait before they are placed elsewhere.
-    /// Default `2s`.
+    /// Default `1s` (on top of the failure detector's suspicion time).
     #[serde(default = "default_reschedule_grace", with = "duration_serde")]
     pub reschedule_grace: Duration,
     /// `text` (default) or `json`.
@@ -187,7 +187,7 @@ pub(crate) fn default_data_dir() -> PathBuf {
     PathBuf::from("shoal-data")
 }
 pub(crate) fn default_reschedule_grace() -> Duration {
-    Duration::from_secs(2)
+    Duration::from_secs(1)
 }
 
 impl Default for NodeConfig {

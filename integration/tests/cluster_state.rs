@@ -577,8 +577,13 @@ fn killing_the_leader_elects_another_within_the_lease_plus_two_seconds() {
         });
         assert!(
             ok,
-            "round {round}: no new leader after killing n{}",
-            leader + 1
+            "round {round}: no new leader after killing n{}: {:?}\n{}",
+            leader + 1,
+            rest.iter().map(|i| c.leader_at(*i)).collect::<Vec<_>>(),
+            rest.iter()
+                .map(|i| c.agents[*i].log_tail())
+                .collect::<Vec<_>>()
+                .join("\n----\n")
         );
         times.push(killed.elapsed());
         // Restart the killed one so the next round has five voters again.

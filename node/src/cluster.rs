@@ -304,16 +304,7 @@ impl Cluster {
 
     /// The voters: every node that has published its node info (and this node), sorted.
     pub(crate) fn roster(&self) -> Vec<NodeId> {
-        let g = lock(&self.state);
-        let mut v: Vec<NodeId> = g
-            .store
-            .records()
-            .filter_map(|r| match r.key {
-                RecordKey::Node(id) => Some(id),
-                _ => None,
-            })
-            .collect();
-        drop(g);
+        let mut v: Vec<NodeId> = lock(&self.state).store.node_ids();
         if !v.contains(&self.node_id) {
             v.push(self.node_id);
         }
@@ -527,9 +518,13 @@ impl Cluster {
         let mut l = lock(&self.lease);
         if roster != mine {
             // Candidate and voter disagree on who votes: no grant until the rosters converge.
-            let mut reply = l.voter.handle(&LeaseRequest { epoch: 0, ..*req }, now);
-            reply.granted = false;
-            return reply;
+            return LeaseReply {
+                voter: self.node_id,
+                round: req.round,
+                granted: false,
+                max_epoch: l.voter.durable().max_epoch,
+                promised_to: None,
+            };
         }
         let before = l.voter.durable();
         let reply = l.voter.handle(req, now);

@@ -190,6 +190,7 @@ pub struct Candidate {
     round: Option<Round>,
     next_round: u64,
     last_request: Option<Duration>,
+    yield_until: Option<Duration>,
 }
 
 /// A change of leadership seen by the candidate.
@@ -217,6 +218,7 @@ impl Candidate {
             round: None,
             next_round: 1,
             last_request: None,
+            yield_until: None,
         }
     }
 
@@ -254,6 +256,9 @@ impl Candidate {
             self.round = None;
             return None;
         }
+        if leading.is_none() && self.yield_until.is_some_and(|t| now < t) {
+            return None;
+        }
         let due = match self.last_request {
             None => true,
             Some(t) => now >= t + self.cfg.renew_every(),
@@ -285,6 +290,23 @@ impl Candidate {
     /// Takes a voter's reply at local time `now`.
     pub fn on_reply(&mut self, reply: &LeaseReply, now: Duration) -> Option<LeaseEvent> {
         self.epoch_seen = self.epoch_seen.max(reply.max_epoch);
+        // Split votes: two candidates (whose membership views differ) each holding promises
+        // from a minority would renew them forever. The one with the larger id gives way for a
+        // promise length, so the smaller id collects the voters once its rival's promises end.
+        // (Only to a rival for the same new epoch or a later one: a promise at an older epoch
+        // is a lease that has not run out yet, e.g. a crashed leader's, not a rival.)
+        if !reply.granted
+            && self.held.is_none_or(|(_, until)| now >= until)
+            && reply.promised_to.is_some_and(|p| p < self.id)
+            && self
+                .round
+                .as_ref()
+                .is_some_and(|r| r.id == reply.round && reply.max_epoch >= r.epoch)
+        {
+            self.yield_until = Some(now + self.cfg.promise());
+            self.round = None;
+            return None;
+        }
         let round = self.round.as_mut()?;
         if reply.round != round.id || !reply.granted {
             return None;
@@ -375,10 +397,12 @@ mod tests {
         assert_eq!(ask(&mut b, &mut vs, S(5_000)), None);
         assert_eq!(b.epoch_seen(), 1);
         assert!(b.leading(S(5_000)).is_none());
-        // a stops renewing; after the promise (T(1+ρ) = 3.15 s) b wins at a higher epoch.
-        let ev = ask(&mut b, &mut vs, S(7_200)).unwrap();
+        // a stops renewing; after the promise (T(1+ρ) = 3.15 s) b — which, not knowing epoch
+        // 1, took a for a rival and gave way to the smaller id for as long — wins at epoch 2.
+        assert_eq!(ask(&mut b, &mut vs, S(7_200)), None, "b still gives way");
+        let ev = ask(&mut b, &mut vs, S(8_200)).unwrap();
         assert!(matches!(ev, LeaseEvent::Acquired { epoch: 2, .. }));
-        assert!(a.leading(S(7_200)).is_none(), "a's lease ran out first");
+        assert!(a.leading(S(8_200)).is_none(), "a's lease ran out first");
     }
 
     #[test]
@@ -462,6 +486,47 @@ mod tests {
         };
         assert!(!v.handle(&other, S(10)).granted);
         assert!(v.handle(&other, S(3_200)).granted);
+    }
+
+    #[test]
+    fn in_a_split_vote_the_larger_id_gives_way_and_the_smaller_wins() {
+        // Four voters; candidates 0 and 1 each hold two promises (their own and one more).
+        let mut vs = voters(4, S(0));
+        let mut a = Candidate::new([0; 16], cfg(), 0);
+        let mut b = Candidate::new([1; 16], cfg(), 0);
+        let t = S(4_000);
+        let ra = a.tick(t, true, 4).unwrap();
+        let rb = b.tick(t, true, 4).unwrap();
+        for (i, v) in vs.iter_mut().enumerate() {
+            let (mine, other) = if i % 2 == 0 { (&ra, &rb) } else { (&rb, &ra) };
+            let r1 = v.handle(mine, t);
+            let r2 = v.handle(other, t);
+            let (c1, c2) = if i % 2 == 0 {
+                (&mut a, &mut b)
+            } else {
+                (&mut b, &mut a)
+            };
+            assert!(c1.on_reply(&r1, t).is_none());
+            assert!(c2.on_reply(&r2, t).is_none());
+        }
+        assert!(a.leading(t).is_none() && b.leading(t).is_none());
+        // Both keep asking every T/3: b yields, a wins once b's promises have run out.
+        let mut now = t;
+        let mut winner = None;
+        while now < S(20_000) && winner.is_none() {
+            now += S(1_000);
+            for c in [&mut a, &mut b] {
+                if let Some(req) = c.tick(now, true, 4) {
+                    for v in vs.iter_mut() {
+                        let r = v.handle(&req, now);
+                        if c.on_reply(&r, now).is_some() {
+                            winner = Some(c.id());
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(winner, Some([0; 16]), "the smaller id wins the split");
     }
 
     #[test]

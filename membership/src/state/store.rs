@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::codec;
-use super::record::{Class, LeaseInfo, Record, RecordKey, ServiceEntry, Value, fnv1a};
+use super::record::{Class, LeaseInfo, NodeId, Record, RecordKey, ServiceEntry, Value, fnv1a};
 use crate::MembershipError;
 
 /// Buckets per class in the digest.
@@ -240,6 +240,17 @@ impl StateStore {
                 Value::Service(s) => Some((&e.record, &**s)),
                 _ => None,
             })
+    }
+
+    /// The ids of the nodes that published node info, in order.
+    pub fn node_ids(&self) -> Vec<NodeId> {
+        self.records
+            .range(RecordKey::Node([0; 16])..RecordKey::Lease)
+            .filter_map(|(k, _)| match k {
+                RecordKey::Node(id) => Some(*id),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The live spec of `name`.
