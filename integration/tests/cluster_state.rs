@@ -83,6 +83,12 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
+        // Deployed services really run now, and process-runtime instances outlive their agent
+        // (static stability): end them with the test.
+        if let Some(dir) = self.log.parent() {
+            shoal_integration::agents::kill_instances(dir);
+            shoal_integration::agents::kill_instances(&dir.join("data"));
+        }
     }
 }
 
