@@ -621,3 +621,61 @@ async fn a_stream_to_a_node_that_accepts_no_streams_fails_to_connect() {
     .await;
     assert_eq!(metrics.snapshot().handshakes_completed, 0);
 }
+
+#[tokio::test]
+async fn a_stream_ends_when_the_peer_certificate_expires() {
+    let _g = SERIAL.lock().await;
+    let ca = CertificateAuthority::generate(unix_now()).unwrap();
+    let g = Node::start(good(&ca, "good")).await;
+    // Valid for a few more seconds only (the 60 s skew included).
+    let now = unix_now();
+    let skew = shoal_membership::cert::CLOCK_SKEW_SECS;
+    let opts = IssueOptions {
+        not_before: Some(now - 3600),
+        not_after: Some(now + 4 - skew),
+        ..Default::default()
+    };
+    let short = Arc::new(
+        ca.issue_with(
+            "short",
+            &BTreeMap::new(),
+            Duration::from_secs(60),
+            now,
+            &opts,
+        )
+        .unwrap(),
+    );
+    let (mut s, _) = NoiseStream::connect(
+        g.addr(),
+        Plane::Control,
+        short,
+        Arc::new(LinkMetrics::default()),
+    )
+    .await
+    .unwrap();
+    let (mut r, _, _) = tokio::time::timeout(DEADLINE, g.listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    s.send_frame(b"still valid").await.unwrap();
+    assert_eq!(r.recv_frame().await.unwrap(), b"still valid");
+    // Keep talking; once the certificate is past its end the good side refuses the stream.
+    let start = Instant::now();
+    loop {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the stream outlived the peer certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let _ = s.send_frame(b"tick").await;
+        match r.recv_frame().await {
+            Ok(_) => continue,
+            Err(MembershipError::CertRejected(CertRejection::Expired)) => break,
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert!(
+        unix_now() > now + 4,
+        "the stream ended before the certificate expired"
+    );
+}

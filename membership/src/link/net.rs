@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::cert::{Certificate, NodeCredentials, unix_now};
+use crate::cert::{CLOCK_SKEW_SECS, CertRejection, Certificate, NodeCredentials, unix_now};
 use crate::error::MembershipError;
 use crate::link::frame::{DEFAULT_MAX_FRAME, LEN_PREFIX, StreamCodec, prefix};
 use crate::link::handshake::{
@@ -833,9 +833,18 @@ impl NoiseStream {
         self.remote
     }
 
+    /// A stream ends when its peer's certificate expires (with the usual clock skew).
+    fn check_peer_valid(&self) -> Result<(), MembershipError> {
+        if unix_now() > self.peer.not_after.saturating_add(CLOCK_SKEW_SECS) {
+            return Err(MembershipError::CertRejected(CertRejection::Expired));
+        }
+        Ok(())
+    }
+
     /// Sends one frame (up to the frame cap). Not cancel-safe: a cancelled send may leave a
     /// partial frame, after which the peer closes the stream.
     pub async fn send_frame(&mut self, bytes: &[u8]) -> Result<(), MembershipError> {
+        self.check_peer_valid()?;
         let wire = self.codec.seal_frame(bytes)?;
         self.tcp.write_all(&wire).await?;
         inc(&self.metrics.frames_out);
@@ -846,6 +855,7 @@ impl NoiseStream {
     pub async fn recv_frame(&mut self) -> Result<Vec<u8>, MembershipError> {
         loop {
             if let Some(frame) = self.codec.next_frame()? {
+                self.check_peer_valid()?;
                 inc(&self.metrics.frames_in);
                 return Ok(frame);
             }
