@@ -446,6 +446,36 @@ fn with_docker_six_replicas_run_two_per_node_and_a_returning_agent_leaves_no_dup
         assert!(body.contains("shoal-test web v1"), "{body}");
     }
 
+    // Kill containers (a fresh slot each time): each is replaced; time exit -> running.
+    let mut took = Vec::new();
+    for row in c.running_at(0, "web").into_iter().take(5) {
+        let node = row["node"].as_str().unwrap().to_string();
+        let i = c.names.iter().position(|n| *n == node).unwrap();
+        let instance = row["instance"].as_str().unwrap().to_string();
+        let restarts = row["restarts"].as_u64().unwrap();
+        let t = Instant::now();
+        let killed = Command::new("docker")
+            .args(["kill", &format!("shoal-{node}-{instance}")])
+            .output()
+            .expect("docker kill");
+        assert!(
+            killed.status.success(),
+            "{}",
+            String::from_utf8_lossy(&killed.stderr)
+        );
+        let ok = wait_until(Duration::from_secs(20), || {
+            c.running_at(i, "web")
+                .iter()
+                .any(|r| r["instance"] == instance && r["restarts"].as_u64() == Some(restarts + 1))
+        });
+        assert!(ok, "{instance} not replaced: {:#?}", c.ps("web"));
+        took.push(t.elapsed());
+    }
+    eprintln!(
+        "exit -> running and ready (docker): p50 {:?}, all {took:?}",
+        p50(took.clone())
+    );
+
     let before: BTreeMap<String, String> = [0, 1]
         .iter()
         .flat_map(|i| docker_started_at(&c.names[*i]))
