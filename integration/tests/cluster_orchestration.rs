@@ -325,6 +325,13 @@ fn a_killed_agent_s_replicas_run_elsewhere_and_its_return_stops_the_surplus() {
     );
     let took = kill_and_time(&mut c, 2, "web", 6);
     eprintln!("kill -9 agent -> all 6 replicas running elsewhere (fast preset): {took:?}");
+    let down = c.events().iter().any(|e| {
+        e["kind"] == "node-down"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&c.names[2]))
+    });
+    assert!(down, "no node-down event: {:#?}", c.events());
     // Its processes kept running (static stability); when it returns it stops the surplus.
     let a3 = c.names[2].clone();
     c.restart(2);

@@ -252,7 +252,8 @@ impl ClusterPort for Port {
             .into_iter()
             .map(|m| (m.identity.node_id, m.state))
             .collect();
-        self.cluster.with_state(|s| {
+        let mut events: Vec<(&str, String)> = Vec::new();
+        let inputs = self.cluster.with_state(|s| {
             let mut nodes = Vec::new();
             let mut down = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
             for r in s.store.records() {
@@ -266,12 +267,23 @@ impl ClusterPort for Port {
                 };
                 let health = match state {
                     Some(MemberState::Alive) => {
-                        down.remove(id);
+                        if down.remove(id).is_some() {
+                            events.push(("node-up", format!("node {} is alive again", info.name)));
+                        }
                         NodeHealth::Alive
                     }
                     Some(MemberState::Suspect) => NodeHealth::Suspect,
                     _ => NodeHealth::Down {
-                        since_ms: *down.entry(*id).or_insert(now),
+                        since_ms: *down.entry(*id).or_insert_with(|| {
+                            events.push((
+                                "node-down",
+                                format!(
+                                    "node {} is down; its instances move elsewhere after {} ms",
+                                    info.name, self.grace_ms
+                                ),
+                            ));
+                            now
+                        }),
                     },
                 };
                 let (cpu, memory) = if *id == me {
@@ -340,7 +352,11 @@ impl ClusterPort for Port {
                 now_ms: now,
                 reschedule_grace_ms: self.grace_ms,
             }
-        })
+        });
+        for (kind, message) in events {
+            self.cluster.event(kind, message);
+        }
+        inputs
     }
 
     fn publish(&self, epoch: u64, plan: &Plan) {
