@@ -412,6 +412,22 @@ fn a_spec_deployed_at_node_1_is_served_by_node_5_and_bad_or_unauthenticated_writ
         .unwrap();
     assert_eq!(row["version"], 2);
     assert_eq!(row["replicas"], 7);
+    // The leader placed those services and pushed the placements straight to their nodes.
+    let pushed = || -> u64 {
+        (0..5)
+            .filter_map(|i| http(c.agents[i].api, "GET", "/metrics", None, ""))
+            .flat_map(|(_, body)| {
+                body.lines()
+                    .filter(|l| l.starts_with("shoal_state_placements_pushed_total "))
+                    .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok()))
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || pushed() > 0),
+        "no placement was pushed"
+    );
     let events = get_json(&c.agents[4], "/v1/events").unwrap();
     assert!(
         events
