@@ -568,7 +568,7 @@ async fn relay_local(
         up.write_all(&prefix).await?;
     }
     if use_splice {
-        Ok(splice::splice_bidirectional(&client, &up).await?)
+        Ok(splice::splice_bidirectional(&mut client, &mut up).await?)
     } else {
         Ok(
             tokio::io::copy_bidirectional_with_sizes(&mut client, &mut up, 64 * 1024, 64 * 1024)

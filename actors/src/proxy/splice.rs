@@ -8,12 +8,14 @@
 //! up to 1 MiB) the first time a read fills that buffer, i.e. when bulk data is flowing — the
 //! same idea as HAProxy's `splice-auto`.
 
+use std::future::poll_fn;
 use std::io;
 use std::os::fd::OwnedFd;
 
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
-use tokio::io::Interest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 /// Bytes moved per `splice` call (the pipe is grown to this size when the kernel allows).
 const CHUNK: usize = 1024 * 1024;
@@ -36,34 +38,33 @@ fn flags() -> SpliceFFlags {
     SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE
 }
 
+// Readiness is awaited with `poll_read_ready`/`poll_write_ready` (one waker slot per direction,
+// which is all a relay needs) rather than `readable()`/`writable()` and their shared waiter list.
+
 /// Moves bytes from `from` to `to` until `from` reaches end of file, then shuts down the
 /// writing side of `to`. Returns the bytes moved.
-async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+async fn one_way(mut r: ReadHalf<'_>, mut w: WriteHalf<'_>) -> io::Result<u64> {
     let mut total = 0u64;
     let mut buf = vec![0u8; COPY_BUF];
     // copy phase
     loop {
-        from.readable().await?;
-        let n = match from.try_read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
+        let n = r.read(&mut buf).await?;
         if n == 0 {
-            shutdown_write(to);
+            w.shutdown().await?;
             return Ok(total);
         }
-        write_all(to, &buf[..n]).await?;
+        w.write_all(&buf[..n]).await?;
         total += n as u64;
         if n == buf.len() {
             break;
         }
     }
+    let (from, to): (&TcpStream, &TcpStream) = (r.as_ref(), w.as_ref());
     drop(buf);
     // splice phase
     let p = pipe()?;
     loop {
-        from.readable().await?;
+        poll_fn(|cx| from.poll_read_ready(cx)).await?;
         let n = match from.try_io(Interest::READABLE, || {
             splice(from, None, &p.w, None, CHUNK, flags()).map_err(io::Error::from)
         }) {
@@ -77,7 +78,7 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
         }
         let mut pending = n;
         while pending > 0 {
-            to.writable().await?;
+            poll_fn(|cx| to.poll_write_ready(cx)).await?;
             match to.try_io(Interest::WRITABLE, || {
                 splice(&p.r, None, to, None, pending, flags()).map_err(io::Error::from)
             }) {
@@ -98,21 +99,10 @@ fn shutdown_write(to: &TcpStream) {
     );
 }
 
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Relays both directions between `a` and `b` with `splice(2)` until both reach end of file.
 /// Returns `(a→b, b→a)` bytes. The first error ends the relay.
-pub async fn splice_bidirectional(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
-    tokio::try_join!(one_way(a, b), one_way(b, a))
+pub async fn splice_bidirectional(a: &mut TcpStream, b: &mut TcpStream) -> io::Result<(u64, u64)> {
+    let (ra, wa) = a.split();
+    let (rb, wb) = b.split();
+    tokio::try_join!(one_way(ra, wb), one_way(rb, wa))
 }
