@@ -3,8 +3,9 @@
 //! and through HAProxy (Debian's package, `nbthread 1`) as the anchor. Figures are printed as
 //! ratios against the direct run measured in this same run.
 //!
-//! Run: `cargo bench -p shoal-actors --bench proxy` (release). The backend, the proxies and the
-//! load generator each get a one-thread tokio runtime; HAProxy gets one thread. On a shared
+//! Run: `cargo bench -p shoal-actors --bench proxy` (release). The backend, the proxies of node A
+//! (where clients connect), node B (the far end of cross-node runs) and the load generator each
+//! get a one-thread tokio runtime; HAProxy gets one thread. On a shared
 //! 2-core machine absolute figures are order-of-magnitude only; the ratios are the result.
 //! Env: `PROXY_BENCH_SECS` (seconds per request/response run, default 3), `PROXY_BENCH_MIB`
 //! (bulk transfer size, default 1024).
@@ -150,7 +151,7 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 }
 
 /// `conns` keep-alive connections; each sends a request, waits for the answer, and (with
-/// `rate_per_conn`) waits until its next scheduled send; latency counts from the scheduled time.
+/// `rate_per_conn`) waits until its next scheduled send; latency counts from the send.
 async fn request_response(
     addr: SocketAddr,
     conns: usize,
@@ -174,11 +175,9 @@ async fn request_response(
                         tokio::time::sleep(next - now).await;
                     }
                 }
-                let start = if interval.is_some() {
-                    next
-                } else {
-                    Instant::now()
-                };
+                // latency from the actual send: tokio's timer (1 ms granularity) paces the
+                // sends, so counting from the scheduled time would add its lateness to every path
+                let start = Instant::now();
                 s.write_all(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")
                     .await
                     .expect("send");
@@ -268,7 +267,13 @@ async fn local_proxy(
 
 /// Node B (data plane on 127.0.0.2, the backend local to it) and node A (published port on
 /// 127.0.0.1, the backend remote); returns node A's published address.
-async fn cross_node(backend: SocketAddr, noise: bool, protocol: Protocol) -> SocketAddr {
+/// Node B runs on its own runtime `b_rt` (a second node is a second process).
+async fn cross_node(
+    b_rt: &tokio::runtime::Handle,
+    backend: SocketAddr,
+    noise: bool,
+    protocol: Protocol,
+) -> SocketAddr {
     let ca = CertificateAuthority::generate(unix_now()).expect("ca");
     let issue = |n: &str| {
         Arc::new(
@@ -278,30 +283,36 @@ async fn cross_node(backend: SocketAddr, noise: bool, protocol: Protocol) -> Soc
     };
     let plain: Arc<dyn RemoteDialer> = Arc::new(PlainDialer::default());
     let b = Proxy::new(plain.clone(), ProxyOptions::default());
-    let data = if noise {
-        let l = NoiseListener::bind(
-            "127.0.0.2:0".parse().expect("addr"),
-            issue("b"),
-            Arc::new(LinkMetrics::default()),
-        )
-        .await
-        .expect("noise bind");
-        let a = l.local_addr();
-        let bp = b.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _, plane)) = l.accept().await {
-                if plane == Plane::Data {
-                    tokio::spawn(serve_noise_stream(bp.clone(), s));
-                }
+    let b_creds = issue("b");
+    let bp = b.clone();
+    let data = b_rt
+        .spawn(async move {
+            if noise {
+                let l = NoiseListener::bind(
+                    "127.0.0.2:0".parse().expect("addr"),
+                    b_creds,
+                    Arc::new(LinkMetrics::default()),
+                )
+                .await
+                .expect("noise bind");
+                let a = l.local_addr();
+                tokio::spawn(async move {
+                    while let Ok((s, _, plane)) = l.accept().await {
+                        if plane == Plane::Data {
+                            tokio::spawn(serve_noise_stream(bp.clone(), s));
+                        }
+                    }
+                });
+                a
+            } else {
+                let l = TcpListener::bind("127.0.0.2:0").await.expect("bind");
+                let a = l.local_addr().expect("addr");
+                tokio::spawn(serve_plain(bp, l));
+                a
             }
-        });
-        a
-    } else {
-        let l = TcpListener::bind("127.0.0.2:0").await.expect("bind");
-        let a = l.local_addr().expect("addr");
-        tokio::spawn(serve_plain(b.clone(), l));
-        a
-    };
+        })
+        .await
+        .expect("node b");
     b.publish(route(protocol, endpoint(backend, data, true)));
     let dialer: Arc<dyn RemoteDialer> = if noise {
         Arc::new(NoiseDialer::new(
@@ -392,6 +403,8 @@ fn main() {
     let backend_rt = runtime();
     let proxy_rt = runtime();
     let client_rt = runtime();
+    let node_b_rt = runtime();
+    let b_rt = node_b_rt.handle().clone();
 
     let backend_addr = backend_rt.block_on(async {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -421,10 +434,10 @@ fn main() {
                     route(Protocol::Http, ep.clone()),
                 )
                 .await,
-                cross_node(backend_addr, false, Protocol::Tcp).await,
-                cross_node(backend_addr, true, Protocol::Tcp).await,
-                cross_node(backend_addr, false, Protocol::Http).await,
-                cross_node(backend_addr, true, Protocol::Http).await,
+                cross_node(&b_rt, backend_addr, false, Protocol::Tcp).await,
+                cross_node(&b_rt, backend_addr, true, Protocol::Tcp).await,
+                cross_node(&b_rt, backend_addr, false, Protocol::Http).await,
+                cross_node(&b_rt, backend_addr, true, Protocol::Http).await,
             )
         });
     let haproxy = start_haproxy(backend_addr);
@@ -484,7 +497,7 @@ fn main() {
     }
 
     // 2. moderate load: a fixed rate of 25 % of the slowest path's maximum, so that every path
-    //    runs at moderate load (open loop, latency from the scheduled send time), 8 connections
+    //    runs at moderate load (paced sends, latency from each send), 8 connections
     let slowest = max.values().copied().fold(f64::INFINITY, f64::min);
     let rate = if slowest.is_finite() {
         slowest * 0.25
