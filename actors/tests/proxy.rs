@@ -998,3 +998,45 @@ async fn the_balancer_listens_on_published_ports_and_stops_when_they_disappear()
     // the instance is gone from the table: the data plane no longer connects to it
     assert!(!proxy.is_local_target(a.addr));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_serves_at_most_max_connections_at_once_and_queues_the_rest() {
+    let _g = SERIAL.lock().await;
+    let a = Backend::start("127.0.0.1", "a").await;
+    let opts = ProxyOptions {
+        max_connections: 2,
+        ..ProxyOptions::default()
+    };
+    let n = node_with(
+        "n1",
+        "127.0.0.1",
+        Arc::new(PlainDialer::default()),
+        None,
+        opts,
+    )
+    .await;
+    n.proxy.publish(table(
+        1,
+        route(
+            Protocol::Tcp,
+            Policy::RoundRobin,
+            &[(&a, "n1", n.data)],
+            "n1",
+        ),
+    ));
+    let slow: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(get(n.public, "/slow")))
+        .collect();
+    let sa = stats(&n, "a");
+    assert!(wait_until(|| get_u(&sa.active) == 2, LONG).await);
+    // the third waits in the accept queue while two are served
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(a.accepted(), 2);
+    for s in slow {
+        assert!(
+            s.await.unwrap().is_ok(),
+            "the queued connection is served later"
+        );
+    }
+    assert_eq!(a.accepted(), 3);
+}

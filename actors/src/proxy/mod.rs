@@ -310,6 +310,9 @@ pub struct ProxyOptions {
     pub splice: bool,
     /// Idle upstream connections kept per instance in HTTP mode.
     pub http_pool_per_endpoint: usize,
+    /// Client connections served at once by this node (all published ports together); further
+    /// connections wait in the kernel's accept queue.
+    pub max_connections: usize,
 }
 
 impl Default for ProxyOptions {
@@ -319,6 +322,7 @@ impl Default for ProxyOptions {
             connect_timeout: Duration::from_secs(2),
             splice: true,
             http_pool_per_endpoint: 64,
+            max_connections: 16_384,
         }
     }
 }
@@ -330,6 +334,7 @@ pub struct Proxy {
     dialer: Arc<dyn RemoteDialer>,
     opts: ProxyOptions,
     pub(crate) pools: http::Pools,
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -347,6 +352,7 @@ impl Proxy {
             table: ArcSwap::from_pointee(LiveTable::default()),
             metrics: Arc::new(ProxyMetrics::default()),
             dialer,
+            slots: Arc::new(tokio::sync::Semaphore::new(opts.max_connections.max(1))),
             opts,
             pools: http::Pools::default(),
         })
@@ -438,6 +444,9 @@ impl Proxy {
     /// Serves the published port `port` on `listener` until the task is aborted.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, port: u16) {
         loop {
+            let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                return;
+            };
             let (s, peer) = match listener.accept().await {
                 Ok(x) => x,
                 Err(e) => {
@@ -449,6 +458,7 @@ impl Proxy {
             let _ = s.set_nodelay(true);
             let me = self.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let route = me.table.load().routes.get(&port).cloned();
                 let Some(route) = route else { return };
                 match route.route.protocol {
