@@ -886,33 +886,47 @@ async fn a_failed_connect_is_retried_on_another_instance_and_counted() {
     let _g = SERIAL.lock().await;
     let a = Backend::start("127.0.0.1", "a").await;
     let dead = Backend::start("127.0.0.1", "dead").await;
+    let dead_remote = Backend::start("127.0.0.2", "dead-remote").await;
     dead.kill();
-    let n = node_with(
-        "n1",
-        "127.0.0.1",
-        Arc::new(PlainDialer::default()),
-        None,
-        ProxyOptions::default(),
-    )
-    .await;
-    // wait until the dead listener is really closed
-    assert!(wait_until_async(|| async { TcpStream::connect(dead.addr).await.is_err() }).await);
-    let r = route(
-        Protocol::Tcp,
-        Policy::RoundRobin,
-        &[(&dead, "n1", n.data), (&a, "n1", n.data)],
-        "n1",
-    );
-    n.proxy.publish(table(1, r));
-    for _ in 0..10 {
-        assert_eq!(get_id(n.public).await.unwrap(), "a");
+    dead_remote.kill();
+    // wait until the dead listeners are really closed
+    for d in [&dead, &dead_remote] {
+        assert!(wait_until_async(|| async { TcpStream::connect(d.addr).await.is_err() }).await);
     }
-    let sd = stats(&n, "dead");
-    assert!(get_u(&sd.connect_errors) >= 5);
-    assert_eq!(
-        get_u(&n.proxy.metrics().service("web").retries),
-        get_u(&sd.connect_errors)
-    );
+    for protocol in [Protocol::Tcp, Protocol::Http] {
+        let plain = || Arc::new(PlainDialer::default());
+        let n = node_with("n1", "127.0.0.1", plain(), None, ProxyOptions::default()).await;
+        let n2 = node_with("n2", "127.0.0.2", plain(), None, ProxyOptions::default()).await;
+        let placed = [
+            (&dead, "n1", n.data),
+            (&dead_remote, "n2", n2.data),
+            (&a, "n1", n.data),
+        ];
+        n.proxy
+            .publish(table(1, route(protocol, Policy::RoundRobin, &placed, "n1")));
+        n2.proxy
+            .publish(table(1, route(protocol, Policy::RoundRobin, &placed, "n2")));
+        for _ in 0..10 {
+            assert_eq!(get_id(n.public).await.unwrap(), "a", "{protocol:?}");
+        }
+        let errors: u64 = ["dead", "dead-remote"]
+            .iter()
+            .map(|id| {
+                let e = get_u(&stats(&n, id).connect_errors);
+                assert!(e >= 3, "{protocol:?}: {id} connect errors {e}");
+                e
+            })
+            .sum();
+        assert_eq!(
+            get_u(&n.proxy.metrics().service("web").retries),
+            errors,
+            "{protocol:?}"
+        );
+        assert_eq!(
+            get_u(&n2.proxy.metrics().data_streams_connect_failed),
+            get_u(&stats(&n, "dead-remote").connect_errors)
+        );
+    }
 }
 
 async fn wait_until_async<F, Fut>(mut f: F) -> bool
