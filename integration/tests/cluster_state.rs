@@ -250,7 +250,17 @@ impl Cluster {
                         .map(|x| x.iter().filter(|m| m["state"] == "alive").count())
                 }) == Some(n)
             });
-            assert!(ok, "agent {} never saw {n} alive:\n{}", a.api, a.log_tail());
+            assert!(
+                ok,
+                "agent {} never saw {n} alive: {:?}\n{}",
+                a.api,
+                get_json(a, "/v1/nodes"),
+                self.agents
+                    .iter()
+                    .map(|x| format!("== {}\n{}", x.api, x.log_tail()))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
         }
     }
 
@@ -608,9 +618,11 @@ fn killing_the_leader_elects_another_within_the_lease_plus_two_seconds() {
                 .join("\n----\n")
         );
         times.push(killed.elapsed());
-        // Restart the killed one so the next round has five voters again.
+        // Restart the killed one so the next round has five voters again, and let it settle
+        // (a restarted voter grants no new holder for T(1+ρ)).
         c.agents[leader] = c.spawn(leader);
-        thread::sleep(Duration::from_secs(1));
+        c.wait_formed();
+        thread::sleep(Duration::from_secs(4));
     }
     times.sort();
     eprintln!("failover after kill -9 of the leader (T = 3 s): {times:?}");

@@ -259,9 +259,16 @@ impl Candidate {
         if leading.is_none() && self.yield_until.is_some_and(|t| now < t) {
             return None;
         }
+        // The holder renews every T/3; a candidate without a lease retries four times as
+        // often, so it wins soon after the last promise to a dead holder runs out.
+        let every = if leading.is_some() {
+            self.cfg.renew_every()
+        } else {
+            self.cfg.renew_every() / 4
+        };
         let due = match self.last_request {
             None => true,
-            Some(t) => now >= t + self.cfg.renew_every(),
+            Some(t) => now >= t + every,
         };
         if !due {
             return None;
