@@ -103,7 +103,16 @@ fn dechunk(mut b: &str) -> String {
     out
 }
 
-/// Kills every process group the process runtime recorded under `data_dir`.
+/// The start time (clock ticks since boot) of process `pid`, from `/proc/PID/stat`.
+fn start_ticks(pid: i64) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Kills every process group the process runtime recorded under `data_dir` whose leader is
+/// still the very process it started (same pid *and* start time): a recorded group id may have
+/// been reused by an unrelated process since, and must never be signalled then.
 pub fn kill_instances(data_dir: &Path) {
     let Ok(dirs) = std::fs::read_dir(data_dir.join("runtime").join("instances")) else {
         return;
@@ -115,7 +124,16 @@ pub fn kill_instances(data_dir: &Path) {
         let Ok(v) = serde_json::from_str::<Value>(&text) else {
             continue;
         };
-        if let Some(pgid) = v["pgid"].as_i64().filter(|p| *p > 1) {
+        let (Some(pid), Some(pgid)) = (v["pid"].as_i64(), v["pgid"].as_i64()) else {
+            continue;
+        };
+        let alive = start_ticks(pid);
+        let same = pid > 1
+            && pgid == pid
+            && v["exit"].is_null()
+            && alive.is_some()
+            && alive == v["start_ticks"].as_u64();
+        if same {
             let _ = Command::new("kill")
                 .args(["-KILL", &format!("-{pgid}")])
                 .stderr(Stdio::null())
