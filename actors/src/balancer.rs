@@ -36,9 +36,11 @@ pub struct Applied {
     pub failed: BTreeMap<u16, String>,
 }
 
-/// The actor.
+/// The listeners of the published ports of one node, kept in step with the routing table
+/// (used by the [`Balancer`] actor, and directly by an agent that has no actix system at hand).
+/// Dropping it stops every listener (open connections continue).
 #[derive(Debug)]
-pub struct Balancer {
+pub struct PortListeners {
     proxy: Arc<Proxy>,
     bind_ip: IpAddr,
     listeners: BTreeMap<u16, (SocketAddr, JoinHandle<()>)>,
@@ -46,10 +48,10 @@ pub struct Balancer {
     failed: BTreeMap<u16, String>,
 }
 
-impl Balancer {
-    /// A balancer serving published ports on `bind_ip` (the node's own address).
+impl PortListeners {
+    /// Listeners on `bind_ip` (the node's own address) for `proxy`.
     pub fn new(proxy: Arc<Proxy>, bind_ip: IpAddr) -> Self {
-        Balancer {
+        PortListeners {
             proxy,
             bind_ip,
             listeners: BTreeMap::new(),
@@ -58,7 +60,8 @@ impl Balancer {
         }
     }
 
-    fn applied(&self) -> Applied {
+    /// What is served now.
+    pub fn applied(&self) -> Applied {
         Applied {
             version: self.version,
             listening: self.listeners.iter().map(|(p, (a, _))| (*p, *a)).collect(),
@@ -74,23 +77,11 @@ impl Balancer {
         let task = tokio::spawn(self.proxy.clone().serve(l, port));
         Ok((addr, task))
     }
-}
 
-impl Actor for Balancer {
-    type Context = Context<Self>;
-
-    fn stopped(&mut self, _ctx: &mut Self::Context) {
-        for (_, (_, t)) in std::mem::take(&mut self.listeners) {
-            t.abort();
-        }
-    }
-}
-
-impl Handler<UpdateRoutes> for Balancer {
-    type Result = Applied;
-
-    fn handle(&mut self, msg: UpdateRoutes, _ctx: &mut Self::Context) -> Applied {
-        let table = msg.0;
+    /// Publishes `table` to the proxy, then binds the ports that appeared (a failed bind is
+    /// reported and retried on the next call) and stops listening on those that disappeared.
+    /// Must run inside a tokio runtime.
+    pub fn apply(&mut self, table: RoutingTable) -> Applied {
         self.version = table.version;
         let wanted: Vec<u16> = table.routes.keys().copied().collect();
         // Publish first: a new listener must find its route.
@@ -125,11 +116,65 @@ impl Handler<UpdateRoutes> for Balancer {
     }
 }
 
+impl PortListeners {
+    /// Tries again to bind the ports whose bind failed, without republishing the table.
+    pub fn retry_failed(&mut self) -> Applied {
+        let failed: Vec<u16> = self.failed.keys().copied().collect();
+        for p in failed {
+            match self.bind(p) {
+                Ok(x) => {
+                    self.failed.remove(&p);
+                    self.listeners.insert(p, x);
+                }
+                Err(e) => {
+                    self.failed.insert(p, e.to_string());
+                }
+            }
+        }
+        self.applied()
+    }
+}
+
+impl Drop for PortListeners {
+    fn drop(&mut self) {
+        for (_, (_, t)) in std::mem::take(&mut self.listeners) {
+            t.abort();
+        }
+    }
+}
+
+/// The actor.
+#[derive(Debug)]
+pub struct Balancer {
+    listeners: PortListeners,
+}
+
+impl Balancer {
+    /// A balancer serving published ports on `bind_ip` (the node's own address).
+    pub fn new(proxy: Arc<Proxy>, bind_ip: IpAddr) -> Self {
+        Balancer {
+            listeners: PortListeners::new(proxy, bind_ip),
+        }
+    }
+}
+
+impl Actor for Balancer {
+    type Context = Context<Self>;
+}
+
+impl Handler<UpdateRoutes> for Balancer {
+    type Result = Applied;
+
+    fn handle(&mut self, msg: UpdateRoutes, _ctx: &mut Self::Context) -> Applied {
+        self.listeners.apply(msg.0)
+    }
+}
+
 impl Handler<Status> for Balancer {
     type Result = Applied;
 
     fn handle(&mut self, _msg: Status, _ctx: &mut Self::Context) -> Applied {
-        self.applied()
+        self.listeners.applied()
     }
 }
 

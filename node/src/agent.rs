@@ -294,6 +294,14 @@ async fn serve(cfg: NodeConfig, creds: Arc<NodeCredentials>) -> anyhow::Result<(
         &cfg,
     ));
     let orchestrator = crate::orchestrator::start(&cfg, port)?;
+    let mesh = crate::mesh::start(
+        cluster.clone(),
+        creds.clone(),
+        link_metrics.clone(),
+        advertise.ip(),
+        advertise,
+    );
+    let _ = cluster.data_plane.set(mesh.proxy.clone());
     tracing::info!(
         node_id = %cert::hex(&creds.cert.node_id), gossip = %advertise, api = %cfg.api,
         seeds = ?seeds, "shoal agent started"
@@ -318,6 +326,7 @@ async fn serve(cfg: NodeConfig, creds: Arc<NodeCredentials>) -> anyhow::Result<(
     let _ = server_task.await;
     // The actors stop; instances keep running and are adopted by the next agent.
     orchestrator.stop();
+    drop(mesh);
     tracing::info!("stopped");
     Ok(())
 }

@@ -96,6 +96,8 @@ pub(crate) struct Cluster {
     creds: Arc<NodeCredentials>,
     links: Arc<LinkMetrics>,
     membership: OnceLock<MembershipHandle>,
+    /// The routing mesh's proxy: serves `Plane::Data` streams from other nodes.
+    pub(crate) data_plane: OnceLock<Arc<shoal_actors::proxy::Proxy>>,
     state: Mutex<DurableState>,
     lease: Mutex<LeaseShell>,
     events: Mutex<(u64, VecDeque<EventJson>)>,
@@ -174,6 +176,7 @@ impl Cluster {
             creds,
             links,
             membership: OnceLock::new(),
+            data_plane: OnceLock::new(),
             state: Mutex::new(durable),
             lease: Mutex::new(lease),
             events: Mutex::new((0, VecDeque::new())),
@@ -314,7 +317,7 @@ impl Cluster {
 
     /// Every member this node knows of (down ones too), by node id: anti-entropy also tries
     /// members SWIM thinks are down, so state converges as soon as a partition heals.
-    fn known_addrs(&self) -> BTreeMap<NodeId, SocketAddr> {
+    pub(crate) fn known_addrs(&self) -> BTreeMap<NodeId, SocketAddr> {
         let mut out = BTreeMap::new();
         if let Some(m) = self.membership() {
             for mv in m.members() {
@@ -371,6 +374,17 @@ impl Cluster {
                             tracing::debug!(error = %e, "control stream");
                         }
                     });
+                }
+                Ok((stream, _peer, Plane::Data)) => {
+                    if let Some(proxy) = self.data_plane.get() {
+                        let proxy = proxy.clone();
+                        tokio::spawn(async move {
+                            let r = shoal_actors::proxy::remote::serve_noise_stream(proxy, stream);
+                            if let Err(e) = r.await {
+                                tracing::debug!(error = %e, "data stream");
+                            }
+                        });
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {

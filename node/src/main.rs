@@ -13,6 +13,7 @@ mod cmd_nodes;
 mod cmd_ps;
 mod cmd_services;
 mod cmd_validate;
+mod mesh;
 mod metrics;
 mod orchestrator;
 
