@@ -15,10 +15,11 @@ use shoal_integration::agents::{Runtime, TestCluster, serial, wait_until};
 const PUBLISHED: u16 = 46_390;
 
 fn web() -> String {
-    // `$VAR`s are expanded by the process runtime before `sh` runs.
+    // `$VAR`s are expanded by the process runtime before `sh` runs; the working directory is the
+    // instance's own directory (inside the cluster's temporary directory).
     format!(
         "name = \"web\"\n\
-         command = [\"sh\", \"-c\", \"d=/tmp/shoal-mesh-test-$SHOAL_INSTANCE; mkdir -p $d; printf %s $SHOAL_INSTANCE > $d/index.html; exec busybox httpd -f -p 127.0.0.1:$PORT -h $d\"]\n\
+         command = [\"sh\", \"-c\", \"mkdir -p www; printf %s $SHOAL_INSTANCE > www/index.html; exec busybox httpd -f -p 127.0.0.1:$PORT -h www\"]\n\
          replicas = 6\nstop_grace = \"1s\"\n\
          [[ports]]\nname = \"http\"\ncontainer = 8080\npublished = {PUBLISHED}\n"
     )
@@ -79,16 +80,5 @@ fn six_replicas_on_three_agents_share_600_requests_to_one_published_port_within_
     assert_eq!(m.len(), 6, "{m:?}");
     for (id, n) in &m {
         assert!((90..=110).contains(n), "{id} got {n}: {m:?}");
-    }
-    drop(c);
-    if let Ok(rd) = std::fs::read_dir("/tmp") {
-        for e in rd.flatten() {
-            if e.file_name()
-                .to_string_lossy()
-                .starts_with("shoal-mesh-test-")
-            {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
     }
 }
