@@ -92,6 +92,11 @@ pub trait ClusterPort: Send + Sync + 'static {
     fn schedule_inputs(&self) -> ScheduleInputs;
     /// Writes the plan's placements under the lease epoch (the leader only).
     fn publish(&self, epoch: u64, plan: &Plan);
+    /// Environment added to every new instance (e.g. `SHOAL_SERVICE_<NAME>_ADDR`, how to reach
+    /// other services through this node's proxy). The service's own `env` wins on a clash.
+    fn service_env(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
 }
 
 /// A recorded event.

@@ -19,7 +19,12 @@ pub fn instance_id(service: &str, slot: u32, version: u64) -> String {
 }
 
 /// The runtime's instance spec for a slot.
-pub fn instance_spec(node: &str, host_ip: Option<IpAddr>, work: &SlotWork) -> InstanceSpec {
+pub fn instance_spec(
+    node: &str,
+    host_ip: Option<IpAddr>,
+    work: &SlotWork,
+    extra_env: &BTreeMap<String, String>,
+) -> InstanceSpec {
     let spec: &ServiceSpec = &work.spec;
     let workload = match (&spec.image, &spec.command) {
         (Some(image), _) => Workload::Image {
@@ -30,6 +35,9 @@ pub fn instance_spec(node: &str, host_ip: Option<IpAddr>, work: &SlotWork) -> In
         (None, None) => Workload::Command { argv: Vec::new() },
     };
     let mut env = spec.env.clone();
+    for (k, v) in extra_env {
+        env.entry(k.clone()).or_insert_with(|| v.clone());
+    }
     env.insert("SHOAL_SERVICE".into(), spec.name.clone());
     env.insert("SHOAL_SLOT".into(), work.slot.to_string());
     env.insert("SHOAL_VERSION".into(), work.version.to_string());
@@ -129,6 +137,7 @@ impl Reconciler {
         host_ip: Option<IpAddr>,
         desired: &[SlotWork],
         actual: &[InstanceInfo],
+        extra_env: &BTreeMap<String, String>,
         now_ms: u64,
     ) -> Vec<Action> {
         let mut actions = Vec::new();
@@ -197,13 +206,17 @@ impl Reconciler {
                         .expect("present");
                     if !st.stopped_for_good && !st.starting && now_ms >= st.not_before_ms {
                         st.starting = true;
-                        actions.push(Action::Start(Box::new(instance_spec(node, host_ip, work))));
+                        actions.push(Action::Start(Box::new(instance_spec(
+                            node, host_ip, work, extra_env,
+                        ))));
                     }
                 }
                 Some(InstanceState::Created | InstanceState::Paused) | None => {
                     if !st.stopped_for_good && !st.starting && now_ms >= st.not_before_ms {
                         st.starting = true;
-                        actions.push(Action::Start(Box::new(instance_spec(node, host_ip, work))));
+                        actions.push(Action::Start(Box::new(instance_spec(
+                            node, host_ip, work, extra_env,
+                        ))));
                     }
                 }
             }
@@ -362,5 +375,40 @@ impl Reconciler {
                 address: st.address.clone(),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn an_instance_gets_the_service_addresses_but_its_own_env_wins() {
+        let mut spec = ServiceSpec::with_image("web", "shoal-test/web:1");
+        spec.env
+            .insert("SHOAL_SERVICE_DB_ADDR".into(), "mine".into());
+        let work = SlotWork {
+            service: "web".into(),
+            slot: 2,
+            version: 3,
+            spec: Arc::new(spec),
+        };
+        let extra = BTreeMap::from([
+            (
+                "SHOAL_SERVICE_DB_ADDR".to_string(),
+                "127.0.0.1:5432".to_string(),
+            ),
+            (
+                "SHOAL_SERVICE_API_ADDR".to_string(),
+                "127.0.0.1:18080".to_string(),
+            ),
+        ]);
+        let s = instance_spec("n1", None, &work, &extra);
+        assert_eq!(s.instance_id, "web.2.v3");
+        assert_eq!(s.env["SHOAL_SERVICE_API_ADDR"], "127.0.0.1:18080");
+        assert_eq!(s.env["SHOAL_SERVICE_DB_ADDR"], "mine");
+        assert_eq!(s.env["SHOAL_SLOT"], "2");
     }
 }

@@ -94,16 +94,17 @@ impl Supervisor {
         }
         self.busy = true;
         self.desired = self.cluster.assignments();
+        let extra_env = self.cluster.service_env();
         let runtime = self.runtime.clone();
         let list = async move { runtime.list().await };
-        ctx.spawn(list.into_actor(self).map(|res, act, ctx| {
+        ctx.spawn(list.into_actor(self).map(move |res, act, ctx| {
             match res {
                 Ok(actual) => {
                     let node = act.runtime.node().to_string();
                     let now = act.now_ms();
-                    let actions = act
-                        .core
-                        .plan(&node, act.host_ip, &act.desired, &actual, now);
+                    let actions =
+                        act.core
+                            .plan(&node, act.host_ip, &act.desired, &actual, &extra_env, now);
                     act.execute(actions, ctx);
                 }
                 Err(e) => tracing::warn!(error = %e, "listing the runtime's instances failed"),

@@ -238,8 +238,9 @@ pub struct TestCluster {
 }
 
 impl TestCluster {
-    /// Certificates for nodes named `{prefix}1..` with these labels; gossip on `base + i`, API on
-    /// `base + 50 + i`. The fast membership preset. Start with [`TestCluster::start`].
+    /// Certificates for nodes named `{prefix}1..` with these labels. Node `i` has its own loopback
+    /// address `127.0.0.{i+1}` (so each serves the published ports itself), gossip on port
+    /// `base + i`, API on `base + 50 + i`. The fast membership preset. Start with [`TestCluster::start`].
     pub fn new(
         prefix: &str,
         labels: &[BTreeMap<String, String>],
@@ -284,7 +285,7 @@ impl TestCluster {
     }
 
     fn gossip(&self, i: usize) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.base + i as u16))
+        SocketAddr::from(([127, 0, 0, i as u8 + 1], self.base + i as u16))
     }
 
     /// Starts node `i`'s agent (seeded with node 0).
@@ -297,7 +298,7 @@ impl TestCluster {
             .append(true)
             .open(&log)
             .expect("log");
-        let api = SocketAddr::from(([127, 0, 0, 1], self.base + 50 + i as u16));
+        let api = SocketAddr::from(([127, 0, 0, i as u8 + 1], self.base + 50 + i as u16));
         let mut cmd = Command::new(shoal_bin());
         cmd.arg("agent")
             .args([

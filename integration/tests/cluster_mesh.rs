@@ -1,8 +1,8 @@
 //! The routing mesh with real agents: three `shoal agent` processes (process runtime), a service
 //! of six `busybox httpd` instances answering their own instance id, and 600 requests to one
-//! node's published port. The agents of `TestCluster` all bind 127.0.0.1, so one of them holds
-//! the published port (the others retry the bind); the requests it receives must reach the
-//! instances on every node, through the Noise data plane for the remote ones.
+//! node's published port. Each agent of `TestCluster` has its own loopback address
+//! (127.0.0.1, .2, .3) and serves the published port there; the requests one node receives must
+//! reach the instances on every node, through the Noise data plane for the remote ones.
 //! Tests serialise on a static mutex; needs `busybox` on the PATH.
 
 use std::collections::BTreeMap;
@@ -19,7 +19,7 @@ fn web() -> String {
     // instance's own directory (inside the cluster's temporary directory).
     format!(
         "name = \"web\"\n\
-         command = [\"sh\", \"-c\", \"mkdir -p www; printf %s $SHOAL_INSTANCE > www/index.html; exec busybox httpd -f -p 127.0.0.1:$PORT -h www\"]\n\
+         command = [\"sh\", \"-c\", \"mkdir -p www; printf %s $SHOAL_INSTANCE > www/index.html; exec busybox httpd -f -p $PORT -h www\"]\n\
          replicas = 6\nstop_grace = \"1s\"\n\
          [[ports]]\nname = \"http\"\ncontainer = 8080\npublished = {PUBLISHED}\n"
     )
@@ -57,7 +57,7 @@ fn six_replicas_on_three_agents_share_600_requests_to_one_published_port_within_
     let mut c = TestCluster::plain("m", 3, 46_300, Runtime::Process);
     c.start();
     c.deploy("web", &web());
-    let entry: SocketAddr = ([127, 0, 0, 1], PUBLISHED).into();
+    let entry: SocketAddr = ([127, 0, 0, 2], PUBLISHED).into();
     // every node runs two and the serving node's table has all six ready
     let ok = wait_until(Duration::from_secs(90), || {
         let (m, _) = tally(entry, 30);
@@ -80,5 +80,31 @@ fn six_replicas_on_three_agents_share_600_requests_to_one_published_port_within_
     assert_eq!(m.len(), 6, "{m:?}");
     for (id, n) in &m {
         assert!((90..=110).contains(n), "{id} got {n}: {m:?}");
+    }
+    // The serving node counts what it routed, per instance, on /metrics.
+    let (status, text) =
+        shoal_integration::agents::http(c.agents[1].api, "GET", "/metrics", None, "")
+            .expect("metrics");
+    assert_eq!(status, 200);
+    let routed: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("shoal_proxy_connections_total{service=\"web\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        routed >= 600,
+        "the proxy counted {routed} connections:\n{text}"
+    );
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "OpenMetrics text ends with # EOF"
+    );
+    // Every node serves the published port on its own address.
+    for ip in 1..=3u8 {
+        let addr: SocketAddr = ([127, 0, 0, ip], PUBLISHED).into();
+        assert!(
+            get(addr).is_some(),
+            "{addr} does not serve the published port"
+        );
     }
 }

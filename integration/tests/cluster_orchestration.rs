@@ -519,3 +519,34 @@ fn with_docker_six_replicas_run_two_per_node_and_a_returning_agent_leaves_no_dup
         assert_eq!(before[k], after[k], "{k} was restarted");
     }
 }
+
+#[test]
+fn instances_find_other_services_through_their_node_s_proxy_address() {
+    let _g = serial();
+    let mut c = TestCluster::plain("e", 1, 44_700, Runtime::Process);
+    c.start();
+    c.deploy(
+        "api",
+        &sleeper(
+            "api",
+            1,
+            "[[ports]]\nname = \"http\"\ncontainer = 8080\npublished = 18555\n",
+        ),
+    );
+    assert!(wait_until(Duration::from_secs(20), || c
+        .running_at(0, "api")
+        .len()
+        == 1));
+    let out = c.root.join("env.txt");
+    c.deploy(
+        "client",
+        &format!(
+            "name = \"client\"\ncommand = [\"sh\", \"-c\", \"echo $SHOAL_SERVICE_API_ADDR > {}; exec sleep 600\"]\n",
+            out.display()
+        ),
+    );
+    let ok = wait_until(Duration::from_secs(20), || {
+        std::fs::read_to_string(&out).is_ok_and(|t| t.trim() == "127.0.0.1:18555")
+    });
+    assert!(ok, "env: {:?}", std::fs::read_to_string(&out));
+}

@@ -84,6 +84,17 @@ async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
     let snap = state.membership.snapshot();
     let text = crate::metrics::render(&snap, &state.links.snapshot());
     let text = crate::api_services::append_metrics(text, &state.cluster);
+    let text = match state.cluster.data_plane.get() {
+        Some(proxy) => {
+            let extra = crate::mesh::render_proxy_metrics(proxy.metrics());
+            let trimmed = text.trim_end();
+            match trimmed.strip_suffix("# EOF") {
+                Some(head) => format!("{head}{extra}# EOF\n"),
+                None => format!("{trimmed}\n{extra}"),
+            }
+        }
+        None => text,
+    };
     HttpResponse::Ok()
         .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
         .body(text)

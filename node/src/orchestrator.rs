@@ -36,6 +36,7 @@ pub(crate) struct Port {
     origin: Instant,
     down_since: Mutex<HashMap<NodeId, u64>>,
     last_stamp: AtomicU64,
+    advertise_ip: IpAddr,
     /// Offered resources of this node (what placement may reserve here).
     pub(crate) cpu: f64,
     pub(crate) memory: u64,
@@ -74,6 +75,7 @@ impl Port {
             cluster,
             membership,
             grace_ms: cfg.reschedule_grace.as_millis() as u64,
+            advertise_ip: cfg.advertise_addr().ip(),
             origin: Instant::now(),
             down_since: Mutex::new(HashMap::new()),
             last_stamp: AtomicU64::new(0),
@@ -357,6 +359,13 @@ impl ClusterPort for Port {
             self.cluster.event(kind, message);
         }
         inputs
+    }
+
+    fn service_env(&self) -> BTreeMap<String, String> {
+        let services: Vec<shoal_config::ServiceSpec> = self
+            .cluster
+            .with_state(|s| s.store.services().map(|(_, e)| e.spec.clone()).collect());
+        shoal_actors::balancer::service_env(&services, self.advertise_ip)
     }
 
     fn publish(&self, epoch: u64, plan: &Plan) {
