@@ -139,7 +139,7 @@ fn main() {
         "{IMAGE} is missing: run scripts/build-test-images.sh"
     );
     cleanup_baseline();
-    let mut c = TestCluster::plain("bench", 1, 45_500, Runtime::Docker);
+    let mut c = TestCluster::plain("bench", 1, 25_500, Runtime::Docker);
     c.start();
     let (mut ours, mut seq, mut par) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {

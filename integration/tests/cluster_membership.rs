@@ -277,13 +277,13 @@ fn five_agents_seeded_with_the_first_list_five_alive_then_a_killed_one_goes_down
     let c = Cluster::new();
     let names = ["a1", "a2", "a3", "a4", "a5"];
     let certs: Vec<PathBuf> = names.iter().map(|n| c.issue(n)).collect();
-    let seed = addr(41_101);
+    let seed = addr(21_101);
     let mut agents: Vec<Agent> = names
         .iter()
         .enumerate()
         .map(|(i, n)| {
             let seeds = if i == 0 { vec![] } else { vec![seed] };
-            c.agent(n, &certs[i], 41_101 + i as u16, 41_201 + i as u16, seeds)
+            c.agent(n, &certs[i], 21_101 + i as u16, 21_201 + i as u16, seeds)
         })
         .collect();
     for a in &agents {
@@ -361,7 +361,7 @@ fn five_agents_seeded_with_the_first_list_five_alive_then_a_killed_one_goes_down
     assert!(metric(&agents[0], "shoal_swim_suspicions_raised_total") >= 1);
 
     // Restart it with the same certificate: alive everywhere again, still five rows.
-    agents[3] = c.agent("a4", &certs[3], 41_104, 41_204, vec![seed]);
+    agents[3] = c.agent("a4", &certs[3], 21_104, 21_204, vec![seed]);
     wait_live(&agents[3]);
     let t0 = Instant::now();
     let back = wait_until(Duration::from_secs(60), || {
@@ -427,16 +427,16 @@ fn agents_with_a_foreign_expired_or_mismatched_certificate_are_refused_never_lis
             ..IssueOptions::default()
         },
     );
-    let good_gossip = addr(41_301);
-    let bad_ports = [41_302u16, 41_303, 41_304];
+    let good_gossip = addr(21_301);
+    let bad_ports = [21_302u16, 21_303, 21_304];
     // The good agent also dials the bad ones (they are among its seeds), so it sees each
     // certificate and counts every reason.
     let g = start(AgentSpec {
         cert_dir: &good,
         data_dir: &c.root.join("data-good"),
-        gossip: 41_301,
+        gossip: 21_301,
         advertise: None,
-        api: 41_401,
+        api: 21_401,
         seeds: bad_ports.iter().map(|p| addr(*p)).collect(),
         config: None,
         skip_key_check: false,
@@ -454,7 +454,7 @@ fn agents_with_a_foreign_expired_or_mismatched_certificate_are_refused_never_lis
             data_dir: &c.root.join(format!("data-{name}")),
             gossip: bad_ports[i],
             advertise: None,
-            api: 41_402 + i as u16,
+            api: 21_402 + i as u16,
             seeds: vec![good_gossip],
             config: None,
             skip_key_check: *name == "wrongkey",
@@ -550,17 +550,17 @@ fn a_tampered_and_a_replayed_datagram_from_a_raw_socket_are_dropped_and_counted(
     let _g = serial();
     let c = Cluster::new();
     let (ca, cb) = (c.issue("sender"), c.issue("target"));
-    // The target binds 41_502 but advertises the relay at 41_503.
-    let front = addr(41_503);
-    let r = relay(front, addr(41_502));
-    let a = c.agent("sender", &ca, 41_501, 41_601, vec![]);
+    // The target binds 21_502 but advertises the relay at 21_503.
+    let front = addr(21_503);
+    let r = relay(front, addr(21_502));
+    let a = c.agent("sender", &ca, 21_501, 21_601, vec![]);
     let b = start(AgentSpec {
         cert_dir: &cb,
         data_dir: &c.root.join("data-target"),
-        gossip: 41_502,
+        gossip: 21_502,
         advertise: Some(front),
-        api: 41_602,
-        seeds: vec![addr(41_501)],
+        api: 21_602,
+        seeds: vec![addr(21_501)],
         config: None,
         skip_key_check: false,
     });
@@ -592,11 +592,11 @@ fn a_tampered_and_a_replayed_datagram_from_a_raw_socket_are_dropped_and_counted(
     let mut tampered = held.clone();
     let last = tampered.len() - 1;
     tampered[last] ^= 0x40; // inside the AEAD tag
-    raw.send_to(&tampered, addr(41_502)).unwrap();
+    raw.send_to(&tampered, addr(21_502)).unwrap();
     thread::sleep(Duration::from_millis(200));
-    raw.send_to(&held, addr(41_502)).unwrap(); // the genuine one: accepted once
+    raw.send_to(&held, addr(21_502)).unwrap(); // the genuine one: accepted once
     thread::sleep(Duration::from_millis(200));
-    raw.send_to(&held, addr(41_502)).unwrap(); // again: a replay
+    raw.send_to(&held, addr(21_502)).unwrap(); // again: a replay
 
     let counted = wait_until(Duration::from_secs(10), || {
         m("replay") > replay_before && m("auth") > auth_before
@@ -663,7 +663,7 @@ fn kill_to_down(preset: &str, runs: usize, base: u16) -> Vec<Duration> {
 #[ignore = "a measurement (about a minute); run with --ignored --nocapture --test-threads=1"]
 fn kill_to_down_p50_with_the_default_and_the_fast_preset() {
     let _g = serial();
-    for (preset, base) in [("lan", 41_700u16), ("fast", 41_800)] {
+    for (preset, base) in [("lan", 21_700u16), ("fast", 21_800)] {
         let mut t = kill_to_down(preset, 5, base);
         t.sort();
         println!(
@@ -685,10 +685,10 @@ fn agent_dev_runs_a_one_node_cluster_with_a_throw_away_ca_and_an_admin_token() {
     let out = std::fs::File::create(&log).unwrap();
     let child = Command::new(shoal_bin())
         .args(["agent", "--dev", "--name", "devbox"])
-        .args(["--bind", &addr(41_901).to_string()])
-        .args(["--api", &addr(41_902).to_string()])
+        .args(["--bind", &addr(21_901).to_string()])
+        .args(["--api", &addr(21_902).to_string()])
         .args(["--data-dir", &data.display().to_string()])
-        .args(["--seeds", &addr(41_999).to_string()]) // ignored with --dev
+        .args(["--seeds", &addr(21_999).to_string()]) // ignored with --dev
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
         .stderr(out)
@@ -696,8 +696,8 @@ fn agent_dev_runs_a_one_node_cluster_with_a_throw_away_ca_and_an_admin_token() {
         .unwrap();
     let mut a = Agent {
         child: Some(child),
-        api: addr(41_902),
-        gossip: addr(41_901),
+        api: addr(21_902),
+        gossip: addr(21_901),
         log,
     };
     wait_live(&a);
@@ -716,8 +716,8 @@ fn agent_dev_runs_a_one_node_cluster_with_a_throw_away_ca_and_an_admin_token() {
     a.terminate();
     let child = Command::new(shoal_bin())
         .args(["agent", "--dev"])
-        .args(["--bind", &addr(41_901).to_string()])
-        .args(["--api", &addr(41_902).to_string()])
+        .args(["--bind", &addr(21_901).to_string()])
+        .args(["--api", &addr(21_902).to_string()])
         .args(["--data-dir", &data.display().to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

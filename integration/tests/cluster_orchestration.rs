@@ -54,7 +54,7 @@ fn p50(mut v: Vec<Duration>) -> Duration {
 #[test]
 fn three_agents_run_six_replicas_two_per_node_within_five_seconds() {
     let _g = serial();
-    let mut c = TestCluster::plain("p", 3, 44_000, Runtime::Process);
+    let mut c = TestCluster::plain("p", 3, 24_000, Runtime::Process);
     c.start();
     let t = Instant::now();
     c.deploy("web", &sleeper("web", 6, ""));
@@ -89,7 +89,7 @@ fn six_labelled_nodes_spread_nine_replicas_honour_constraints_and_leave_the_impo
             ]));
         }
     }
-    let mut c = TestCluster::new("s", &labels, 44_100, Runtime::Process);
+    let mut c = TestCluster::new("s", &labels, 24_100, Runtime::Process);
     c.start();
     c.deploy(
         "web",
@@ -166,7 +166,7 @@ fn six_labelled_nodes_spread_nine_replicas_honour_constraints_and_leave_the_impo
 #[test]
 fn a_killed_instance_is_replaced_at_once_and_a_crash_loop_backs_off_exponentially() {
     let _g = serial();
-    let mut c = TestCluster::plain("k", 3, 44_200, Runtime::Process);
+    let mut c = TestCluster::plain("k", 3, 24_200, Runtime::Process);
     c.start();
     c.deploy("web", &sleeper("web", 6, ""));
     assert!(
@@ -241,7 +241,7 @@ fn a_killed_instance_is_replaced_at_once_and_a_crash_loop_backs_off_exponentiall
 #[test]
 fn liveness_failures_restart_and_readiness_failures_only_mark_not_ready() {
     let _g = serial();
-    let mut c = TestCluster::plain("h", 1, 44_300, Runtime::Process);
+    let mut c = TestCluster::plain("h", 1, 24_300, Runtime::Process);
     c.start();
     let flags = c.root.join("flags");
     std::fs::create_dir_all(&flags).unwrap();
@@ -315,7 +315,7 @@ fn kill_and_time(c: &mut TestCluster, victim: usize, service: &str, n: usize) ->
 #[test]
 fn a_killed_agent_s_replicas_run_elsewhere_and_its_return_stops_the_surplus() {
     let _g = serial();
-    let mut c = TestCluster::plain("a", 3, 44_400, Runtime::Process);
+    let mut c = TestCluster::plain("a", 3, 24_400, Runtime::Process);
     c.start();
     c.deploy("web", &sleeper("web", 6, ""));
     assert!(
@@ -353,7 +353,7 @@ fn a_killed_agent_s_replicas_run_elsewhere_and_its_return_stops_the_surplus() {
 #[ignore = "measurement: five kill -9 runs, about a minute"]
 fn measure_kill_to_rescheduled_over_five_runs() {
     let _g = serial();
-    let mut c = TestCluster::plain("m", 4, 44_500, Runtime::Process);
+    let mut c = TestCluster::plain("m", 4, 24_500, Runtime::Process);
     c.start();
     c.deploy("web", &sleeper("web", 6, ""));
     assert!(wait_until(Duration::from_secs(20), || all_running(
@@ -428,7 +428,7 @@ fn with_docker_six_replicas_run_two_per_node_and_a_returning_agent_leaves_no_dup
  {
     let _g = serial();
     ensure_images();
-    let mut c = TestCluster::plain("d", 3, 44_600, Runtime::Docker);
+    let mut c = TestCluster::plain("d", 3, 24_600, Runtime::Docker);
     c.start();
     let spec = "name = \"web\"\nimage = \"shoal-test/web:1\"\nreplicas = 6\nstop_grace = \"1s\"\n\
                 [[ports]]\nname = \"http\"\ncontainer = 8080\n\
@@ -523,7 +523,7 @@ fn with_docker_six_replicas_run_two_per_node_and_a_returning_agent_leaves_no_dup
 #[test]
 fn instances_find_other_services_through_their_node_s_proxy_address() {
     let _g = serial();
-    let mut c = TestCluster::plain("e", 1, 44_700, Runtime::Process);
+    let mut c = TestCluster::plain("e", 1, 24_700, Runtime::Process);
     c.start();
     c.deploy(
         "api",

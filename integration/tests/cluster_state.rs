@@ -315,7 +315,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn a_spec_deployed_at_node_1_is_served_by_node_5_and_bad_or_unauthenticated_writes_change_nothing()
 {
     let _g = serial();
-    let mut c = Cluster::new(5, 43_100);
+    let mut c = Cluster::new(5, 23_100);
     c.start();
 
     // Unauthenticated and invalid writes: refused, nothing changes.
@@ -451,7 +451,7 @@ fn a_spec_deployed_at_node_1_is_served_by_node_5_and_bad_or_unauthenticated_writ
 #[test]
 fn after_restarting_all_five_agents_every_spec_is_still_there() {
     let _g = serial();
-    let mut c = Cluster::new(5, 43_300);
+    let mut c = Cluster::new(5, 23_300);
     c.start();
     for w in 0..10u32 {
         assert_eq!(c.put((w % 5) as usize, &format!("keep-{w}"), w + 1).0, 200);
@@ -505,7 +505,7 @@ fn leaders(c: &Cluster, nodes: &[usize]) -> Vec<(usize, u64)> {
 fn a_partition_keeps_one_leader_in_the_majority_none_in_the_minority_and_heals_to_identical_state()
 {
     let _g = serial();
-    let mut c = Cluster::new(5, 43_500);
+    let mut c = Cluster::new(5, 23_500);
     c.start();
     let all = [0, 1, 2, 3, 4];
     let ok = wait_until(Duration::from_secs(30), || leaders(&c, &all).len() == 1);
@@ -584,7 +584,7 @@ fn a_partition_keeps_one_leader_in_the_majority_none_in_the_minority_and_heals_t
 #[test]
 fn killing_the_leader_elects_another_within_the_lease_plus_two_seconds() {
     let _g = serial();
-    let mut c = Cluster::new(5, 43_700);
+    let mut c = Cluster::new(5, 23_700);
     c.start();
     let all = [0, 1, 2, 3, 4];
     let mut times = Vec::new();
@@ -655,12 +655,12 @@ fn the_cli_deploys_lists_removes_and_shows_the_leader_of_a_dev_agent() {
     let data = dir.path().join("data");
     let log = dir.path().join("agent.log");
     let out = std::fs::File::create(&log).unwrap();
-    let api = addr(43_950);
+    let api = addr(23_950);
     let child = Command::new(shoal_bin())
         .args(["agent", "--dev", "--runtime", "process"])
         .args([
             "--bind",
-            &addr(43_900).to_string(),
+            &addr(23_900).to_string(),
             "--api",
             &api.to_string(),
         ])
@@ -675,7 +675,7 @@ fn the_cli_deploys_lists_removes_and_shows_the_leader_of_a_dev_agent() {
         api,
         log,
     };
-    let env = [("SHOAL_ADDR", "127.0.0.1:43950")];
+    let env = [("SHOAL_ADDR", "127.0.0.1:23950")];
     assert!(wait_until(Duration::from_secs(60), || get_json(
         &agent,
         "/v1/services"
