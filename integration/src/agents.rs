@@ -23,6 +23,36 @@ pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Makes this test process the reaper of its orphaned descendants. An agent killed with `kill -9`
+/// leaves its process-runtime instances running (static stability); without this they would be
+/// re-parented to whatever supervises the test run, which must not see strangers exit under it.
+/// Call before spawning agents; [`reap_orphans`] collects them afterwards.
+pub fn adopt_orphans() {
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        eprintln!("cannot become a child subreaper: {e}");
+    }
+}
+
+/// Reaps every child of this process that has exited (killed agents, and the instances they
+/// orphaned), waiting up to `limit` for children that are still running to end.
+pub fn reap_orphans(limit: Duration) {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let deadline = Instant::now() + limit;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {
+                if Instant::now() >= deadline {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            Ok(_) => {}
+            // ECHILD: no children left.
+            Err(_) => return,
+        }
+    }
+}
+
 /// Polls `cond` every 20 ms until it holds or `limit` passes; returns whether it held.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -134,10 +164,12 @@ pub fn kill_instances(data_dir: &Path) {
             && alive.is_some()
             && alive == v["start_ticks"].as_u64();
         if same {
-            let _ = Command::new("kill")
-                .args(["-KILL", &format!("-{pgid}")])
-                .stderr(Stdio::null())
-                .status();
+            // Not `kill -KILL -PGID`: procps' kill reads `-PGID` as an option and ends up
+            // signalling -1, i.e. every process on the machine.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
@@ -247,6 +279,7 @@ impl TestCluster {
         base: u16,
         runtime: Runtime,
     ) -> Self {
+        adopt_orphans();
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().to_path_buf();
         let ca = root.join("ca");
@@ -435,5 +468,6 @@ impl Drop for TestCluster {
                 remove_containers(n);
             }
         }
+        reap_orphans(Duration::from_secs(5));
     }
 }

@@ -185,10 +185,11 @@ fn a_killed_instance_is_replaced_at_once_and_a_crash_loop_backs_off_exponentiall
         let before = row["restarts"].as_u64().unwrap();
         let pid = pid_of(&c.agents[i].data, &instance).expect("pid");
         let t = Instant::now();
-        Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status()
-            .unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill the instance");
         let ok = wait_until(Duration::from_secs(10), || {
             c.running_at(i, "web")
                 .iter()

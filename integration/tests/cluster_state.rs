@@ -19,6 +19,7 @@ use shoal_membership::cert;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
+    shoal_integration::agents::adopt_orphans();
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -84,11 +85,12 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
         // Deployed services really run now, and process-runtime instances outlive their agent
-        // (static stability): end them with the test.
+        // (static stability): end them with the test, and reap them (this process adopted them).
         if let Some(dir) = self.log.parent() {
             shoal_integration::agents::kill_instances(dir);
             shoal_integration::agents::kill_instances(&dir.join("data"));
         }
+        shoal_integration::agents::reap_orphans(Duration::from_millis(500));
     }
 }
 
