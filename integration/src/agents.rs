@@ -18,8 +18,10 @@ use shoal_membership::cert;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Serialises multi-node tests within one test binary (two cores are shared by everything).
+/// Serialises multi-node tests within one test binary (two cores are shared by everything),
+/// and makes the test process the reaper of the instances its agents orphan ([`adopt_orphans`]).
 pub fn serial() -> MutexGuard<'static, ()> {
+    adopt_orphans();
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
