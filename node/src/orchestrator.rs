@@ -37,6 +37,9 @@ pub(crate) struct Port {
     down_since: Mutex<HashMap<NodeId, u64>>,
     last_stamp: AtomicU64,
     advertise_ip: IpAddr,
+    writer: std::sync::mpsc::SyncSender<Vec<Record>>,
+    /// Writes whose persistence and gossip waited for a later flush (writer queue full).
+    writes_skipped: AtomicU64,
     /// Offered resources of this node (what placement may reserve here).
     pub(crate) cpu: f64,
     pub(crate) memory: u64,
@@ -71,9 +74,30 @@ impl Port {
         membership: MembershipHandle,
         cfg: &NodeConfig,
     ) -> Self {
+        let (writer, queue) = std::sync::mpsc::sync_channel::<Vec<Record>>(1024);
+        let c = cluster.clone();
+        let spawned = std::thread::Builder::new()
+            .name("shoal-state-writer".into())
+            .spawn(move || {
+                while let Ok(records) = queue.recv() {
+                    c.with_state(|s| {
+                        if let Err(e) = s.flush() {
+                            tracing::warn!(error = %e, "cannot persist state");
+                        }
+                    });
+                    for r in &records {
+                        c.disseminate(r);
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the state writer thread");
+        }
         Port {
             cluster,
             membership,
+            writer,
+            writes_skipped: AtomicU64::new(0),
             grace_ms: cfg.reschedule_grace.as_millis() as u64,
             advertise_ip: cfg.advertise_addr().ip(),
             origin: Instant::now(),
@@ -107,6 +131,11 @@ impl Port {
     }
 
     /// Merges records this node wrote, persists them and gossips them.
+    ///
+    /// The records are in the in-memory store when this returns; persisting them (a disk write)
+    /// and gossiping them happen on the writer thread, so an actor calling this never blocks on
+    /// the disk. If the writer is behind (its bounded queue full), the records stay in memory,
+    /// are persisted by the next flush and reach the others by anti-entropy; the skip is counted.
     fn write(&self, records: Vec<Record>) {
         if records.is_empty() {
             return;
@@ -115,12 +144,10 @@ impl Port {
             for r in &records {
                 s.store.merge(r.clone());
             }
-            if let Err(e) = s.flush() {
-                tracing::warn!(error = %e, "cannot persist state");
-            }
         });
-        for r in &records {
-            self.cluster.disseminate(r);
+        if self.writer.try_send(records).is_err() {
+            self.writes_skipped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("the state writer is behind; a write waits for the next flush");
         }
     }
 
