@@ -163,8 +163,12 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out);
-        if i > 0 {
-            cmd.args(["--seeds", &addr(self.gossip(0)).to_string()]);
+        // Every node has a seed, node 0 included (node 1), as an operator would configure it: a
+        // restarted node 0 with no seed would wait for foca's periodic announce to down members
+        // (about a minute) before anyone talks to it again.
+        let seed = if i == 0 { 1 } else { 0 };
+        if self.certs.len() > 1 {
+            cmd.args(["--seeds", &addr(self.gossip(seed)).to_string()]);
         }
         Agent {
             child: Some(cmd.spawn().expect("spawning shoal agent")),
