@@ -812,6 +812,12 @@ async fn transfer_through_tap(encrypted: bool) -> (Vec<u8>, Vec<u8>) {
         ),
     ));
     let body = get(n1.public, "/secret").await.unwrap();
+    // The tap records what it has forwarded; give it a moment to record the last chunks
+    // before it is stopped (the client may see them first).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while cap.lock().unwrap().len() <= body.len() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     tap_task.abort();
     let captured = cap.lock().unwrap().clone();
     (body, captured)
