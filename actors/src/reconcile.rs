@@ -200,10 +200,9 @@ impl Reconciler {
                     if st.running {
                         self.exited_slot(&work.service, work.slot, exit, now_ms, &work.spec);
                     }
-                    let st = self
-                        .slots
-                        .get_mut(&(work.service.clone(), work.slot))
-                        .expect("present");
+                    let Some(st) = self.slots.get_mut(&(work.service.clone(), work.slot)) else {
+                        continue;
+                    };
                     if !st.stopped_for_good && !st.starting && now_ms >= st.not_before_ms {
                         st.starting = true;
                         actions.push(Action::Start(Box::new(instance_spec(

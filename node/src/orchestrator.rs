@@ -17,7 +17,7 @@ use shoal_actors::healthcheck::Health;
 use shoal_actors::placement::{Assignment, NodeHealth, NodeView, Placements, Plan};
 use shoal_actors::port::{ClusterPort, InstanceReport, ScheduleInputs, ServiceState, SlotWork};
 use shoal_actors::scheduler::Scheduler;
-use shoal_actors::supervisor::{Reconcile, Supervisor};
+use shoal_actors::supervisor::Supervisor;
 use shoal_config::{NodeConfig, RuntimeKind};
 use shoal_membership::core::MemberState;
 use shoal_membership::handle::MembershipHandle;
@@ -38,8 +38,6 @@ pub(crate) struct Port {
     last_stamp: AtomicU64,
     advertise_ip: IpAddr,
     writer: std::sync::mpsc::SyncSender<Vec<Record>>,
-    /// Writes whose persistence and gossip waited for a later flush (writer queue full).
-    writes_skipped: AtomicU64,
     /// Offered resources of this node (what placement may reserve here).
     pub(crate) cpu: f64,
     pub(crate) memory: u64,
@@ -97,7 +95,6 @@ impl Port {
             cluster,
             membership,
             writer,
-            writes_skipped: AtomicU64::new(0),
             grace_ms: cfg.reschedule_grace.as_millis() as u64,
             advertise_ip: cfg.advertise_addr().ip(),
             origin: Instant::now(),
@@ -145,8 +142,14 @@ impl Port {
                 s.store.merge(r.clone());
             }
         });
+        let n = records.len() as u64;
         if self.writer.try_send(records).is_err() {
-            self.writes_skipped.fetch_add(1, Ordering::Relaxed);
+            // Their gossip is dropped (counted with the other dropped deltas); they are
+            // persisted by the next flush and reach the others by anti-entropy.
+            self.cluster
+                .metrics
+                .deltas_dropped
+                .fetch_add(n, Ordering::Relaxed);
             tracing::warn!("the state writer is behind; a write waits for the next flush");
         }
     }
@@ -450,20 +453,11 @@ impl ClusterPort for Port {
 
 /// The running actors, on their own thread.
 pub(crate) struct Orchestrator {
-    kick: Option<actix::Addr<Supervisor>>,
     system: Option<actix::System>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Orchestrator {
-    /// Asks the supervisor to reconcile now.
-    #[allow(dead_code)]
-    pub(crate) fn kick(&self) {
-        if let Some(a) = &self.kick {
-            a.do_send(Reconcile);
-        }
-    }
-
     /// Stops the actors (running instances are left running: static stability).
     pub(crate) fn stop(mut self) {
         if let Some(s) = self.system.take() {
@@ -481,8 +475,7 @@ pub(crate) fn start(cfg: &NodeConfig, port: Arc<Port>) -> anyhow::Result<Orchest
     let kind = cfg.runtime;
     let data_dir = cfg.data_dir.join("runtime");
     let host_ip: Option<IpAddr> = Some(cfg.advertise_addr().ip());
-    let (tx, rx) =
-        std::sync::mpsc::channel::<anyhow::Result<(actix::System, actix::Addr<Supervisor>)>>();
+    let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<actix::System>>();
     let thread = std::thread::Builder::new()
         .name("shoal-actors".into())
         .spawn(move || {
@@ -507,7 +500,7 @@ pub(crate) fn start(cfg: &NodeConfig, port: Arc<Port>) -> anyhow::Result<Orchest
                 };
                 use actix::{Actor, AsyncContext};
                 let cluster: Arc<dyn ClusterPort> = port;
-                let sup = Supervisor::create(|ctx| {
+                Supervisor::create(|ctx| {
                     let health =
                         Health::new(runtime.clone(), ctx.address().recipient(), Duration::from_millis(50))
                             .start();
@@ -520,14 +513,13 @@ pub(crate) fn start(cfg: &NodeConfig, port: Arc<Port>) -> anyhow::Result<Orchest
                     )
                 });
                 Scheduler::new(cluster, Duration::from_millis(200)).start();
-                let _ = tx.send(Ok((actix::System::current(), sup)));
+                let _ = tx.send(Ok(actix::System::current()));
             });
             let _ = system.run();
         })
         .context("starting the actors thread")?;
-    let (system, sup) = rx.recv().context("the actors thread ended at start")??;
+    let system = rx.recv().context("the actors thread ended at start")??;
     Ok(Orchestrator {
-        kick: Some(sup),
         system: Some(system),
         thread: Some(thread),
     })
